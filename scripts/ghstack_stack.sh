@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# Prepare the patch series as a ghstack stack in a PyTorch checkout and
+# submit it (one pull request per patch).  See docs/upstream_and_nightly.md.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PROG="ghstack_stack"
+TEST_SUBDIR="test/distributed/symm_mem_stack"
+GPU_NPROC=2
+
+usage() {
+    cat <<EOF
+Usage: scripts/ghstack_stack.sh --source DIR [options] [-- GHSTACK_SUBMIT_ARGS...]
+
+Turns the patch series into a stack of commits in the PyTorch checkout DIR
+(at the pin, clean) and submits it with ghstack, one pull request per patch.
+
+  1. scripts/apply_and_build.sh --source DIR --no-build --no-tests applies the
+     series: one commit per patch on a new branch (it does every check).
+  2. Commit n is rewritten to carry the tests: $TEST_SUBDIR/
+     gets this repository's test/distributed/*.py and a SERIES_LEVEL file
+     holding n, so the level-gated tests of commit n are exactly those of
+     series level n.  Each commit keeps its title, Summary and Test Plan; the
+     Test Plan gains the commands that run that commit's tests.
+  3. ghstack submit [GHSTACK_SUBMIT_ARGS...] PIN..HEAD, run inside DIR.
+
+Options:
+  --source DIR     PyTorch checkout at the pin (default: env PYTORCH_SRC)
+  --upto N         apply patches 1..N only (passed to apply_and_build.sh)
+  --force          passed to apply_and_build.sh
+  --dry-run        stop before any network step: build and rewrite the stack,
+                   then print, for each commit, the pull request title and
+                   the files it changes
+  -h, --help       this text
+
+Everything after -- goes to 'ghstack submit' unchanged (e.g. -- --draft).
+The pin commit comes from PIN, or from the file named by env
+SYMM_STACK_PIN_FILE (as in apply_and_build.sh).  ghstack is taken from this
+repository's .venv, else from PATH; env GHSTACK overrides both.
+EOF
+}
+
+say() { echo "$PROG: $*"; }
+die() {
+    echo "$PROG: error: $*" >&2
+    exit 1
+}
+
+SRC="${PYTORCH_SRC:-}"
+UPTO=""
+FORCE=0
+DRY_RUN=0
+GHSTACK_ARGS=()
+while (($#)); do
+    case "$1" in
+        --source) SRC="${2:?--source needs a directory}"; shift 2 ;;
+        --source=*) SRC="${1#*=}"; shift ;;
+        --upto) UPTO="${2:?--upto needs a number}"; shift 2 ;;
+        --upto=*) UPTO="${1#*=}"; shift ;;
+        --force) FORCE=1; shift ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; GHSTACK_ARGS=("$@"); break ;;
+        *) echo "$PROG: unknown argument: $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+[[ -n "$SRC" ]] || die "no PyTorch checkout given (--source DIR or env PYTORCH_SRC)"
+[[ -d "$SRC" ]] || die "$SRC is not a directory"
+SRC="$(cd "$SRC" && pwd)"
+if [[ -n "$UPTO" && ! "$UPTO" =~ ^[0-9]+$ ]]; then
+    die "--upto wants a number, got '$UPTO'"
+fi
+
+PIN_FILE="${SYMM_STACK_PIN_FILE:-$ROOT/PIN}"
+[[ -f "$PIN_FILE" ]] || die "pin file $PIN_FILE not found"
+PIN_COMMIT="$(
+    # shellcheck source=/dev/null
+    . "$PIN_FILE"
+    echo "${TORCH_GIT_COMMIT:-}"
+)"
+[[ "$PIN_COMMIT" =~ ^[0-9a-f]{40}$ ]] || die "$PIN_FILE has no TORCH_GIT_COMMIT"
+
+if [[ -n "${GHSTACK:-}" ]]; then
+    GHSTACK_BIN="$GHSTACK"
+elif [[ -x "$ROOT/.venv/bin/ghstack" ]]; then
+    GHSTACK_BIN="$ROOT/.venv/bin/ghstack"
+else
+    GHSTACK_BIN="$(command -v ghstack || true)"
+fi
+if ((DRY_RUN == 0)); then
+    [[ -n "$GHSTACK_BIN" ]] || die "ghstack not found (pip install ghstack, or set GHSTACK)"
+fi
+
+PYTHON="$ROOT/.venv/bin/python"
+[[ -x "$PYTHON" ]] || PYTHON="$(command -v python3)" || die "python3 not found"
+
+g() { git -C "$SRC" "$@"; }
+
+# 1. One commit per patch, by the one script that knows how.
+apply_args=(--source "$SRC" --no-build --no-tests)
+[[ -n "$UPTO" ]] && apply_args+=(--upto "$UPTO")
+((FORCE)) && apply_args+=(--force)
+say "applying the series: scripts/apply_and_build.sh ${apply_args[*]}"
+"$ROOT/scripts/apply_and_build.sh" "${apply_args[@]}"
+
+BRANCH="$(g symbolic-ref --quiet --short HEAD)" ||
+    die "apply_and_build.sh left $SRC without a branch checked out"
+g merge-base --is-ancestor "$PIN_COMMIT" HEAD ||
+    die "the pin $PIN_COMMIT is not an ancestor of $BRANCH"
+mapfile -t COMMITS < <(g rev-list --reverse --first-parent "$PIN_COMMIT..HEAD")
+((${#COMMITS[@]} > 0)) || die "$BRANCH has no commit on top of the pin"
+if [[ -n "$UPTO" ]] && ((${#COMMITS[@]} != UPTO)); then
+    die "$BRANCH has ${#COMMITS[@]} commits on top of the pin, expected $UPTO"
+fi
+say "$BRANCH: ${#COMMITS[@]} commit(s) on top of ${PIN_COMMIT:0:12}"
+
+# 2. Give commit n the tests and SERIES_LEVEL=n.
+shopt -s nullglob
+TEST_FILES=()
+for f in "$ROOT"/test/distributed/*.py; do
+    TEST_FILES+=("$(basename "$f")")
+done
+shopt -u nullglob
+((${#TEST_FILES[@]} > 0)) || die "no test files in $ROOT/test/distributed"
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+declare -A BLOB
+for f in "${TEST_FILES[@]}"; do
+    BLOB[$f]="$(g hash-object -w --path "$TEST_SUBDIR/$f" -- "$ROOT/test/distributed/$f")"
+done
+
+# The commands that run the tests of one commit, for its Test Plan.
+TEST_COMMANDS="$WORK/test-commands"
+: >"$TEST_COMMANDS"
+for f in "${TEST_FILES[@]}"; do
+    case "$f" in
+        test_*_cpu.py) echo "python -m pytest $TEST_SUBDIR/$f" >>"$TEST_COMMANDS" ;;
+        test_*.py)
+            echo "torchrun --standalone --nproc-per-node $GPU_NPROC -m pytest $TEST_SUBDIR/$f" >>"$TEST_COMMANDS"
+            ;;
+    esac
+done
+
+rewrite_message() { # $1: level, stdin: message, stdout: new message
+    LEVEL="$1" SUBDIR="$TEST_SUBDIR" COMMANDS="$TEST_COMMANDS" "$PYTHON" -c '
+import os
+import re
+import sys
+
+level = os.environ["LEVEL"]
+subdir = os.environ["SUBDIR"]
+with open(os.environ["COMMANDS"]) as f:
+    commands = [line.rstrip("\n") for line in f if line.strip()]
+lines = sys.stdin.read().rstrip("\n").split("\n")
+
+added = [
+    f"Tests of this commit (series level {level}, read from {subdir}/SERIES_LEVEL):",
+    "",
+    *[f"    {c}" for c in commands],
+]
+
+header = re.compile(r"^[A-Z][A-Za-z0-9 _-]*:\s*$")
+trailer = re.compile(r"^[A-Za-z][A-Za-z0-9-]*(?: [A-Za-z][A-Za-z0-9-]*)?: \S")
+
+# A closing paragraph of "Key: value" lines (Signed-off-by, ghstack-source-id,
+# Pull Request resolved, ...) stays last.
+end = len(lines)
+last_blank = max((i for i, l in enumerate(lines) if not l.strip()), default=-1)
+if 0 < last_blank < end - 1 and all(trailer.match(l) for l in lines[last_blank + 1:]):
+    end = last_blank
+
+plan = next((i for i in range(1, end) if lines[i].strip() == "Test Plan:"), None)
+if plan is None:
+    insert_at = end
+    block = ["Test Plan:", *added]
+else:
+    insert_at = end
+    for j in range(plan + 1, end):
+        if header.match(lines[j]) and not lines[j - 1].strip():
+            insert_at = j
+            break
+    block = added
+while insert_at > 1 and not lines[insert_at - 1].strip():
+    insert_at -= 1
+rest = lines[insert_at:]
+while rest and not rest[0].strip():
+    rest.pop(0)
+out = lines[:insert_at] + [""] + block + ([""] + rest if rest else [])
+sys.stdout.write("\n".join(out) + "\n")
+'
+}
+
+OLD_TIP="$(g rev-parse HEAD)"
+parent="$PIN_COMMIT"
+level=0
+export GIT_INDEX_FILE="$WORK/index"
+for c in "${COMMITS[@]}"; do
+    level=$((level + 1))
+    g read-tree "$c"
+    g rm -r -q -f --cached --ignore-unmatch -- "$TEST_SUBDIR" >/dev/null
+    for f in "${TEST_FILES[@]}"; do
+        g update-index --add --cacheinfo "100644,${BLOB[$f]},$TEST_SUBDIR/$f"
+    done
+    level_blob="$(echo "$level" | g hash-object -w --stdin)"
+    g update-index --add --cacheinfo "100644,$level_blob,$TEST_SUBDIR/SERIES_LEVEL"
+    tree="$(g write-tree)"
+    g log -1 --format=%B "$c" | rewrite_message "$level" >"$WORK/msg"
+    parent="$(
+        GIT_AUTHOR_NAME="$(g log -1 --format=%an "$c")" \
+            GIT_AUTHOR_EMAIL="$(g log -1 --format=%ae "$c")" \
+            GIT_AUTHOR_DATE="$(g log -1 --format=%ad --date=raw "$c")" \
+            GIT_COMMITTER_NAME="${GIT_COMMITTER_NAME:-$(g log -1 --format=%cn "$c")}" \
+            GIT_COMMITTER_EMAIL="${GIT_COMMITTER_EMAIL:-$(g log -1 --format=%ce "$c")}" \
+            g commit-tree "$tree" -p "$parent" -F "$WORK/msg"
+    )"
+done
+unset GIT_INDEX_FILE
+
+g checkout -q --detach "$OLD_TIP"
+g update-ref -m "$PROG: give each commit its tests and SERIES_LEVEL" "refs/heads/$BRANCH" "$parent" "$OLD_TIP"
+g checkout -q "$BRANCH"
+say "rewrote $BRANCH: commit n now carries $TEST_SUBDIR/ with SERIES_LEVEL=n"
+
+RANGE="$PIN_COMMIT..HEAD"
+submit=("${GHSTACK_BIN:-ghstack}" submit "${GHSTACK_ARGS[@]}" "$RANGE")
+
+print_stack() {
+    local n=0 total=${#COMMITS[@]} c
+    echo "Stack of $total pull request(s) on branch $BRANCH, bottom first (base ${PIN_COMMIT:0:12}):"
+    for c in $(g rev-list --reverse --first-parent "$PIN_COMMIT..HEAD"); do
+        n=$((n + 1))
+        echo
+        echo "PR $n/$total: $(g log -1 --format=%s "$c")"
+        echo "  commit ${c:0:12}, SERIES_LEVEL=$(g show "$c:$TEST_SUBDIR/SERIES_LEVEL")"
+        g show --stat=120 --format= "$c" | sed 's/^/  /'
+    done
+}
+
+if ((DRY_RUN)); then
+    print_stack
+    echo
+    say "dry run: not submitting; would run in $SRC: ${submit[*]}"
+    exit 0
+fi
+
+say "running in $SRC: ${submit[*]}"
+cd "$SRC"
+exec "${submit[@]}"
