@@ -1,0 +1,213 @@
+"""Run Inductor's lowering and wrapper codegen on a machine without a GPU.
+
+The CPU tier of LoweringTest traces a function with ``make_fx`` under a
+``FakeTensorMode`` whose tensors claim to live on ``cuda``, lowers the FX graph
+with ``GraphLowering`` and, optionally, generates the Python wrapper code.  No
+CUDA driver is touched: the few device queries that lowering and Triton
+codegen make are answered by a fake H100 (``fake_cuda_device``).  Nothing is
+compiled or run, so the generated code and the IR are what the tests assert on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import types
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.distributed._symmetric_memory  # noqa: F401  (registers symm_mem meta kernels)
+from torch._inductor import ir
+from torch._inductor.debug import DebugContext
+from torch._inductor.graph import GraphLowering
+from torch._inductor.virtualized import V
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch._dynamo.source import ConstantSource
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+
+GROUP = "0"  # group name baked into the traced graphs; lowering never resolves it
+
+
+def _register_missing_fakes() -> list[str]:
+    """Give symm_mem ops that stock torch ships without a Meta kernel one, so
+    they can be traced here.  Only ops torch lacks a kernel for are touched;
+    the names are returned so tests can tell what torch itself provides."""
+    from torch._library.simple_registry import singleton
+
+    # Ops whose result aliases a mutated argument return that argument;
+    # functional ones return a fresh tensor shaped like their input.
+    returns_arg = {
+        "one_shot_all_reduce_out": "out",
+        "one_shot_all_reduce_copy_out": "out",
+        "multimem_one_shot_all_reduce_out": "out",
+        "two_shot_all_reduce_": "input",
+        "two_shot_all_reduce_out": "output",
+        "reduce_scatter_out": "output",
+        "multimem_all_reduce_": "input",
+        "multimem_all_gather_out": "out",
+        "multimem_one_shot_reduce_out": "out",
+    }
+    functional = ["multimem_one_shot_all_reduce"]
+    registered = []
+    for name in [*returns_arg, *functional, "all_to_all_vdev", "tile_reduce",
+                 "multi_root_tile_reduce"]:
+        qualname = f"symm_mem::{name}"
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"):
+            continue
+        if singleton.find(qualname).fake_impl.kernel is not None:
+            continue
+        op = getattr(torch.ops.symm_mem, name).default
+        arg_names = [a.name for a in op._schema.arguments]
+
+        def fake(*args: Any, _name: str = name, _names: list[str] = arg_names,
+                 **kwargs: Any) -> Any:
+            bound = dict(zip(_names, args)) | kwargs
+            if _name in returns_arg:
+                return bound[returns_arg[_name]]
+            if _name in functional:
+                return torch.empty_like(args[0])
+            return None
+
+        torch.library.register_fake(qualname, fake)
+        registered.append(name)
+    return registered
+
+
+HARNESS_FAKES = _register_missing_fakes()
+
+_H100 = types.SimpleNamespace(
+    name="NVIDIA H100 80GB HBM3 (fake)",
+    major=9,
+    minor=0,
+    multi_processor_count=132,
+    total_memory=80 * 2**30,
+    max_threads_per_multi_processor=2048,
+    max_threads_per_block=1024,
+    warp_size=32,
+    regs_per_multiprocessor=65536,
+    shared_memory_per_block_optin=232448,
+    shared_memory_per_multiprocessor=233472,
+    L2_cache_size=50 * 2**20,
+    gcnArchName="",
+)
+
+
+@contextlib.contextmanager
+def fake_cuda_device() -> Iterator[None]:
+    """Answer the device queries of lowering and Triton codegen with an H100."""
+    from triton.backends.compiler import GPUTarget
+
+    iface = "torch._dynamo.device_interface.CudaInterface"
+    patches = [
+        mock.patch("torch.cuda.get_device_properties", lambda *a, **k: _H100),
+        mock.patch("torch.cuda.get_device_capability", lambda *a, **k: (9, 0)),
+        mock.patch("torch.cuda.is_available", lambda: True),
+        mock.patch("torch.cuda.current_device", lambda: 0),
+        mock.patch("torch.cuda.device_count", lambda: 2),
+        mock.patch(f"{iface}.get_device_properties", lambda *a, **k: _H100),
+        mock.patch(f"{iface}.get_compute_capability", lambda *a, **k: 90),
+        mock.patch(f"{iface}.is_available", lambda *a, **k: True),
+        mock.patch(f"{iface}.current_device", lambda *a, **k: 0),
+        mock.patch(
+            "torch.utils._triton.triton_backend", lambda: GPUTarget("cuda", 90, 32)
+        ),
+        mock.patch("torch.utils._triton.triton_hash_with_backend", lambda: "0" * 64),
+    ]
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        yield
+
+
+@dataclasses.dataclass
+class Lowered:
+    graph: GraphLowering
+    code: str | None
+
+    def buffers(self) -> list[ir.Buffer]:
+        return list(self.graph.buffers)
+
+    def ops(self, cls: type | tuple[type, ...] = ir.ExternKernel) -> list[Any]:
+        return [b for b in self.graph.buffers if isinstance(b, cls)]
+
+    def by_op(self, op: torch._ops.OpOverload) -> list[ir.ExternKernel]:
+        """The ExternKernels lowered with op overload ``op``."""
+        return [
+            b for b in self.graph.buffers if getattr(b, "op_overload", None) is op
+        ]
+
+    def layout_of(self, name: str) -> ir.OutputSpec:
+        return self.graph.get_buffer(name).get_output_spec()
+
+
+def comm_layout_names(lowered: Lowered) -> list[str]:
+    return [
+        b.get_name()
+        for b in lowered.graph.buffers
+        if isinstance(b.get_output_spec(), ir.CommBufferLayout)
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeStats:
+    """Counts over the generated wrapper's ``call`` function."""
+
+    buffer_names: int
+    reuses: int
+    out_calls: int
+    p2p_allocs: int
+    plain_allocs: int
+
+    @classmethod
+    def of(cls, code: str) -> CodeStats:
+        body = code[code.index("def call(self, args):") :]
+        return cls(
+            buffer_names=len(set(re.findall(r"\bbuf\d+\b", body))),
+            reuses=len(re.findall(r"# reuse\b", body)),
+            out_calls=len(re.findall(r"\bout=buf\d+", body)),
+            p2p_allocs=len(re.findall(r"= empty_strided_p2p\(", body)),
+            plain_allocs=len(re.findall(r"= empty_strided_cuda\(", body)),
+        )
+
+
+def lower(
+    fn: Callable[..., Any],
+    inputs: Sequence[tuple[Sequence[int], torch.dtype]],
+    *,
+    codegen: bool = True,
+    dynamic: bool = False,
+) -> Lowered:
+    """Trace ``fn`` on fake CUDA tensors of the given shapes and lower it.
+
+    With ``dynamic=True`` every dimension of every input is symbolic.
+    """
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+    # Tensors are made before the device is faked: FakeTensor initialises a
+    # real CUDA context when torch.cuda.is_available() says yes.
+    with mode:
+        args = []
+        for i, (shape, dtype) in enumerate(inputs):
+            if dynamic:
+                shape = [
+                    shape_env.create_unspecified_symint_and_symbol(
+                        n, ConstantSource(f"in{i}_dim{d}"), DimDynamic.DYNAMIC
+                    )
+                    for d, n in enumerate(shape)
+                ]
+            args.append(torch.empty(shape, dtype=dtype, device="cuda"))
+        gm = make_fx(fn)(*args)
+    with fake_cuda_device():
+        graph = GraphLowering(gm, example_inputs=args, shape_env=shape_env)
+        with DebugContext(), V.set_graph_handler(graph), V.set_fake_mode(mode):
+            graph.run(*args)
+            code = None
+            if codegen:
+                out = graph.codegen()
+                code = out[0].value if isinstance(out, tuple) else out
+    return Lowered(graph=graph, code=code)

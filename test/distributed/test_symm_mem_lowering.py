@@ -1,0 +1,206 @@
+"""LoweringTest, GPU tier: symm_mem lowering end to end on 2 GPUs.
+
+Run under torchrun, one process per GPU (scripts/apply_and_build.sh does this):
+
+    torchrun --standalone --nproc-per-node 2 -m pytest -v \
+        test/distributed/test_symm_mem_lowering.py
+
+Every rank runs the same tests in the same order with fixed iteration counts.
+Results are compared against an eager reference that uses NCCL all_reduce.
+Each test declares the series levels it holds for (stack_level.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import unittest
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch._inductor.utils import run_and_get_code
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from stack_level import levels  # noqa: E402
+
+
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+HAVE_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2
+REASON = (
+    f"needs torchrun with 2 processes on 2 CUDA GPUs "
+    f"(WORLD_SIZE={WORLD}, GPUs={torch.cuda.device_count()})"
+)
+
+
+def setUpModule() -> None:
+    if WORLD < 2 or not HAVE_GPUS:
+        raise unittest.SkipTest(REASON)
+    for var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST"):
+        # Multicast must stay off on shared machines; the multimem ops are
+        # covered by the CPU tier only.
+        os.environ.setdefault(var, "0" if var == "NCCL_NVLS_ENABLE" else "1")
+    rank = int(os.environ["RANK"])
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", device_id=torch.device("cuda"))
+
+
+def tearDownModule() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def group_name() -> str:
+    return dist.group.WORLD.group_name
+
+
+def nccl_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def code_stats(code: str) -> dict[str, int]:
+    body = code[code.index("def call(self, args):") :]
+    return {
+        "buffer_names": len(set(re.findall(r"\bbuf\d+\b", body))),
+        "reuses": len(re.findall(r"# reuse\b", body)),
+        "out_calls": len(re.findall(r"\bout=buf\d+", body)),
+        "p2p_allocs": len(re.findall(r"= empty_strided_p2p\(", body)),
+        "plain_allocs": len(re.findall(r"= empty_strided_cuda\(", body)),
+    }
+
+
+def eight_layers(gname: str) -> Callable[..., torch.Tensor]:
+    def model(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+        for w in ws:
+            x = torch.ops.symm_mem.one_shot_all_reduce(x @ w, "sum", gname)
+        return x
+
+    return model
+
+
+def eight_layers_reference(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    for w in ws:
+        x = nccl_all_reduce(x @ w)
+    return x
+
+
+class LoweringTest(unittest.TestCase):
+    def setUp(self) -> None:
+        torch._dynamo.reset()
+        dist.barrier()
+
+    def tearDown(self) -> None:
+        torch.cuda.synchronize()
+        dist.barrier()
+
+    def _eight_layer_inputs(self, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        gen = torch.Generator(device="cuda").manual_seed(seed + dist.get_rank())
+        x = torch.randn(128, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+        ws = [
+            torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+            / 96
+            for _ in range(8)
+        ]
+        return x, ws
+
+    @levels(0)
+    def test_eight_layer_numerics(self) -> None:
+        compiled = torch.compile(eight_layers(group_name()), fullgraph=True)
+        for it in range(3):
+            x, ws = self._eight_layer_inputs(seed=100 * it)
+            out = compiled(x, ws)
+            ref = eight_layers_reference(x, ws)
+            self.assertTrue(torch.isfinite(out).all())
+            self.assertLess(rel_err(out, ref), 2e-2)
+
+    @levels(1)
+    def test_eight_layer_buffer_plan(self) -> None:
+        compiled = torch.compile(eight_layers(group_name()), fullgraph=True)
+        x, ws = self._eight_layer_inputs(seed=7)
+        out, (code, *_) = run_and_get_code(compiled, x, ws)
+        stats = code_stats(code)
+        # One P2P buffer and one regular buffer ping-pong through 8 layers.
+        self.assertEqual(stats["p2p_allocs"], 1, stats)
+        self.assertEqual(stats["plain_allocs"], 1, stats)
+        self.assertGreaterEqual(stats["reuses"], 14, stats)
+        self.assertLessEqual(stats["buffer_names"], 16, stats)
+        self.assertEqual(stats["out_calls"], 16, stats)
+        self.assertEqual(
+            code.count("torch.ops.symm_mem.one_shot_all_reduce_out.default("), 8
+        )
+        self.assertLess(rel_err(out, eight_layers_reference(x, ws)), 2e-2)
+
+    @levels(0, 0)
+    def test_pin_eight_layer_buffer_plan(self) -> None:
+        compiled = torch.compile(eight_layers(group_name()), fullgraph=True)
+        x, ws = self._eight_layer_inputs(seed=7)
+        _, (code, *_) = run_and_get_code(compiled, x, ws)
+        stats = code_stats(code)
+        self.assertEqual(
+            (stats["buffer_names"], stats["reuses"], stats["out_calls"]),
+            (24, 7, 8),
+            stats,
+        )
+
+    def _one_shot_copy_case(self) -> None:
+        gname = group_name()
+
+        def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            staging = x * 2  # Inductor-allocated, so it can become P2P
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(
+                staging, y + 1, "sum", gname
+            )
+
+        compiled = torch.compile(fn, fullgraph=True)
+        for it in range(3):
+            x = torch.randn(256, 512, device="cuda") + it
+            y = torch.randn(256, 512, device="cuda") * (dist.get_rank() + 1)
+            out, (code, *_) = run_and_get_code(compiled, x, y)
+            torch.testing.assert_close(out, nccl_all_reduce(y + 1))
+        self.assertIn("one_shot_all_reduce_copy_out.default(", code)
+
+    @levels(1)
+    def test_one_shot_copy_numerics(self) -> None:
+        self._one_shot_copy_case()
+
+    def _two_graphs(self) -> None:
+        gname = group_name()
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(x + 1, "sum", gname)
+
+        def g(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(x * 3, "sum", gname) - 1
+
+        cf = torch.compile(f, fullgraph=True)
+        cg = torch.compile(g, fullgraph=True)
+        for it in range(2):
+            a = torch.randn(64, 128, device="cuda") + dist.get_rank() + it
+            b = torch.randn(300, 256, device="cuda") - dist.get_rank() - it
+            torch.testing.assert_close(cf(a), nccl_all_reduce(a + 1))
+            torch.testing.assert_close(cg(b), nccl_all_reduce(b * 3) - 1)
+
+    @levels(1)
+    def test_two_graphs_with_p2p_buffers_of_different_sizes(self) -> None:
+        self._two_graphs()
+
+    @levels(0, 0)
+    def test_pin_two_graphs_collide_on_alloc_id(self) -> None:
+        with self.assertRaisesRegex(RuntimeError, "alloc_id"):
+            self._two_graphs()
+
+
+if __name__ == "__main__":
+    unittest.main()
