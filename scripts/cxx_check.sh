@@ -1,0 +1,328 @@
+#!/usr/bin/env bash
+# Compile-check the C++/CUDA side of the patch series with nvcc, without a
+# PyTorch source build.
+#
+# The translation unit torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory.cu
+# is compiled (object thrown away) against the INSTALLED torch's headers, with
+# the directory of the (patched) sources put first on the include path, so a
+# patched CUDASymmetricMemory.hpp there shadows the wheel's copy.
+#
+# Which sources:
+#   --tree DIR   DIR holds already patched sources at their PyTorch paths
+#                (DIR/torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory.cu,
+#                and normally the .hpp next to it).
+#   (default)    a temporary tree: vendor/pytorch's pinned-era .cu plus the
+#                wheel's CUDASymmetricMemory.hpp, then every patch listed in
+#                patches/series is applied to those two files
+#                (git apply --include=...).  Patches with no hunks for them
+#                are skipped; if none has any, the UNPATCHED sources are
+#                compiled and the script says so.
+#
+# Flags mirror PyTorch's build of this file: -std=c++17 (the pinned build's
+# C++ standard), PyTorch's CUDA flags, -DPYTORCH_C10_DRIVER_API_SUPPORTED=1
+# (set for this file by caffe2/CMakeLists.txt), -D_GLIBCXX_USE_CXX11_ABI from
+# torch._C._GLIBCXX_USE_CXX11_ABI.  Headers nvcc's toolkit lacks (cuSPARSE,
+# cuBLAS, cuSOLVER, NVML) are taken from the nvidia-* wheels next to torch or
+# from build/cxx/deps/ (see --help), added with -idirafter so the toolkit's
+# own headers always win.
+#
+# Exit status: 0 compiled; 1 compile error; 2 usage error or a patch does not
+# apply; 3 cannot run here (no nvcc, no torch, a needed header missing).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REL_DIR="torch/csrc/distributed/c10d/symm_mem"
+CU_REL="$REL_DIR/CUDASymmetricMemory.cu"
+HPP_REL="$REL_DIR/CUDASymmetricMemory.hpp"
+VENDOR_CU="$ROOT/vendor/pytorch/$CU_REL"
+SERIES="$ROOT/patches/series"
+DEPS_DIR="$ROOT/build/cxx/deps"
+
+PY=""
+TREE=""
+ARCH="sm_90"
+KEEP=0
+EXTRA_INC=()
+
+usage() {
+  cat <<EOF
+Usage: scripts/cxx_check.sh [options]
+
+Compile torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory.cu with nvcc
+against the installed torch's headers (nothing is linked or run).
+
+Options:
+  --python PY         Python whose torch provides the headers
+                      (default: .venv/bin/python, else python3)
+  --tree DIR          directory holding the patched torch/csrc/... sources
+                      (default: build a temporary tree from vendor/pytorch and
+                      the wheel's header, and apply patches/series to it)
+  --arch ARCH         GPU architecture for -arch (default: sm_90)
+  --include-dir DIR   extra directory to search for missing third-party
+                      headers (nvml.h, cusparse.h, ...); may be repeated
+  --keep              keep the temporary directory (printed at the end)
+  -h, --help          show this help
+
+Missing headers: nvcc's toolkit may lack nvml.h (needed by
+c10/cuda/driver_api.h).  NVIDIA's header wheel provides it, e.g.
+  python -m pip install --no-deps --target build/cxx/deps/nvml 'nvidia-nvml-dev==13.0.*'
+Directories build/cxx/deps/*/nvidia/*/include are searched automatically.
+
+Exit status: 0 compiled, 1 compile error, 2 usage error / patch does not
+apply, 3 cannot run here (reason printed on one line).
+EOF
+}
+
+die_usage() {
+  echo "cxx_check: $*" >&2
+  echo "Try 'scripts/cxx_check.sh --help'." >&2
+  exit 2
+}
+
+cannot_run() {
+  echo "cxx_check: CANNOT RUN HERE: $*" >&2
+  exit 3
+}
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --python)
+      [[ $# -ge 2 ]] || die_usage "--python needs an argument"
+      PY="$2"
+      shift 2
+      ;;
+    --tree)
+      [[ $# -ge 2 ]] || die_usage "--tree needs an argument"
+      TREE="$2"
+      shift 2
+      ;;
+    --arch)
+      [[ $# -ge 2 ]] || die_usage "--arch needs an argument"
+      ARCH="$2"
+      shift 2
+      ;;
+    --include-dir)
+      [[ $# -ge 2 ]] || die_usage "--include-dir needs an argument"
+      EXTRA_INC+=("$2")
+      shift 2
+      ;;
+    --keep)
+      KEEP=1
+      shift
+      ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    *)
+      die_usage "unknown argument: $1"
+      ;;
+  esac
+done
+
+# ---- tools --------------------------------------------------------------
+if [[ -z "$PY" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then
+    PY="$ROOT/.venv/bin/python"
+  elif command -v python3 >/dev/null 2>&1; then
+    PY="$(command -v python3)"
+  else
+    cannot_run "no Python found (.venv/bin/python or python3); pass --python"
+  fi
+fi
+command -v "$PY" >/dev/null 2>&1 || cannot_run "Python '$PY' not found"
+
+NVCC=""
+if command -v nvcc >/dev/null 2>&1; then
+  NVCC="$(command -v nvcc)"
+elif [[ -n "${CUDA_HOME:-}" && -x "${CUDA_HOME}/bin/nvcc" ]]; then
+  NVCC="${CUDA_HOME}/bin/nvcc"
+elif [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  NVCC=/usr/local/cuda/bin/nvcc
+else
+  cannot_run "nvcc not found (not on PATH, not in \$CUDA_HOME/bin or /usr/local/cuda/bin)"
+fi
+NVCC_VERSION="$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p' | head -n1)"
+
+# ---- what the installed torch says --------------------------------------
+TORCH_INFO="$("$PY" - <<'PYEOF' 2>/dev/null
+import glob
+import os
+
+import torch
+
+pkg = os.path.dirname(torch.__file__)
+print("TORCH_VERSION=" + torch.__version__)
+print("TORCH_GIT=" + str(getattr(torch.version, "git_version", "") or ""))
+print("TORCH_CUDA=" + str(torch.version.cuda or ""))
+print("TORCH_INC=" + os.path.join(pkg, "include"))
+print("CXX11_ABI=" + str(int(bool(torch._C._GLIBCXX_USE_CXX11_ABI))))
+for d in sorted(glob.glob(os.path.join(os.path.dirname(pkg), "nvidia", "*", "include"))):
+    print("NV_INC=" + d)
+PYEOF
+)" || cannot_run "'$PY' cannot import torch"
+
+TORCH_VERSION=""
+TORCH_GIT=""
+TORCH_CUDA=""
+TORCH_INC=""
+CXX11_ABI=""
+NV_INCS=()
+while IFS= read -r line; do
+  key="${line%%=*}"
+  val="${line#*=}"
+  case "$key" in
+    TORCH_VERSION) TORCH_VERSION="$val" ;;
+    TORCH_GIT) TORCH_GIT="$val" ;;
+    TORCH_CUDA) TORCH_CUDA="$val" ;;
+    TORCH_INC) TORCH_INC="$val" ;;
+    CXX11_ABI) CXX11_ABI="$val" ;;
+    NV_INC) NV_INCS+=("$val") ;;
+  esac
+done <<<"$TORCH_INFO"
+
+[[ -n "$TORCH_CUDA" ]] || cannot_run "torch $TORCH_VERSION is not a CUDA build"
+[[ -f "$TORCH_INC/$HPP_REL" ]] ||
+  cannot_run "torch's headers lack $HPP_REL (looked in $TORCH_INC)"
+
+echo "cxx_check: torch $TORCH_VERSION (git ${TORCH_GIT:-?}, CUDA $TORCH_CUDA), nvcc $NVCC_VERSION ($NVCC)"
+
+# ---- temporary directory ------------------------------------------------
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/cxx_check.XXXXXX")"
+cleanup() {
+  if [[ "$KEEP" -eq 1 ]]; then
+    echo "cxx_check: kept $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+
+# ---- sources ------------------------------------------------------------
+if [[ -n "$TREE" ]]; then
+  [[ -d "$TREE" ]] || die_usage "--tree $TREE: not a directory"
+  TREE="$(cd "$TREE" && pwd)"
+  [[ -f "$TREE/$CU_REL" ]] || die_usage "--tree $TREE has no $CU_REL"
+  if [[ -f "$TREE/$HPP_REL" ]]; then
+    echo "cxx_check: sources from --tree $TREE (its $HPP_REL shadows the wheel's)"
+  else
+    echo "cxx_check: sources from --tree $TREE (no $HPP_REL there: the wheel's header is used)"
+  fi
+else
+  [[ -f "$VENDOR_CU" ]] || die_usage "vendored source missing: $VENDOR_CU"
+  TREE="$WORK/tree"
+  mkdir -p "$TREE/$REL_DIR"
+  cp "$VENDOR_CU" "$TREE/$CU_REL"
+  cp "$TORCH_INC/$HPP_REL" "$TREE/$HPP_REL"
+  # A repository of its own, so that git apply resolves paths against TREE
+  # even if TMPDIR lies inside some other work tree.
+  git -C "$TREE" init -q
+
+  applied=0
+  if [[ -f "$SERIES" ]]; then
+    while IFS= read -r entry || [[ -n "$entry" ]]; do
+      entry="${entry%%#*}"
+      entry="${entry#"${entry%%[![:space:]]*}"}"   # trim leading blanks
+      entry="${entry%"${entry##*[![:space:]]}"}"   # trim trailing blanks
+      [[ -n "$entry" ]] || continue
+      patch_file="$ROOT/patches/$entry"
+      [[ -f "$patch_file" ]] || die_usage "patches/series lists $entry, which does not exist"
+      # Paths the patch changes (new-side names; deletions keep the old name).
+      touched="$(git apply --numstat "$patch_file" | cut -f3-)" ||
+        die_usage "cannot parse $entry"
+      ours=0
+      while IFS= read -r path; do
+        [[ -n "$path" ]] || continue
+        case "$path" in
+          "$CU_REL" | "$HPP_REL") ours=1 ;;
+          torch/csrc/*)
+            echo "cxx_check: NOTE: $entry also changes $path, which this check does not compile"
+            ;;
+        esac
+      done <<<"$touched"
+      [[ "$ours" -eq 1 ]] || continue
+      if ! git -C "$TREE" apply --include="$CU_REL" --include="$HPP_REL" \
+        "$patch_file"; then
+        echo "cxx_check: FAILED: $entry does not apply to the vendored sources" >&2
+        exit 2
+      fi
+      echo "cxx_check: applied C++ hunks of $entry"
+      applied=$((applied + 1))
+    done <"$SERIES"
+  fi
+  if [[ "$applied" -eq 0 ]]; then
+    echo "cxx_check: NOTE: no patch in patches/series changes $CU_REL or $HPP_REL;" \
+      "compiling the UNPATCHED sources"
+  fi
+fi
+
+# ---- third-party headers the TU reaches ---------------------------------
+NVCC_INC="$(cd "$(dirname "$NVCC")/.." && pwd)/include"
+SEARCH_DIRS=("${EXTRA_INC[@]+"${EXTRA_INC[@]}"}" "${NV_INCS[@]+"${NV_INCS[@]}"}")
+for d in "$DEPS_DIR"/*/nvidia/*/include "$DEPS_DIR"/*/include; do
+  [[ -d "$d" ]] && SEARCH_DIRS+=("$d")
+done
+SEARCH_DIRS+=(/usr/local/cuda/include /usr/include /usr/local/include)
+
+AFTER_DIRS=()
+need_header() {
+  local header="$1" why="$2" d a
+  [[ -f "$NVCC_INC/$header" ]] && return 0
+  for d in "${SEARCH_DIRS[@]}"; do
+    if [[ -f "$d/$header" ]]; then
+      for a in "${AFTER_DIRS[@]+"${AFTER_DIRS[@]}"}"; do
+        [[ "$a" == "$d" ]] && return 0
+      done
+      AFTER_DIRS+=("$d")
+      return 0
+    fi
+  done
+  cannot_run "$header (needed by $why) not found in nvcc's include dir, the nvidia-* wheels, build/cxx/deps or /usr/include; see --help"
+}
+need_header cusparse.h "ATen/cuda/CUDAContextLight.h"
+need_header cublas_v2.h "ATen/cuda/CUDAContextLight.h"
+need_header cublasLt.h "ATen/cuda/CUDAContextLight.h"
+need_header cusolverDn.h "ATen/cuda/CUDAContextLight.h"
+need_header nvml.h "c10/cuda/driver_api.h"
+
+# ---- compile -------------------------------------------------------------
+OBJ="$WORK/CUDASymmetricMemory.o"
+DEP="$WORK/CUDASymmetricMemory.d"
+CMD=(
+  "$NVCC" -std=c++17 "-arch=$ARCH" -O2 -c "$TREE/$CU_REL" -o "$OBJ"
+  -MD -MF "$DEP"
+  --expt-relaxed-constexpr --expt-extended-lambda
+  -DCUDA_HAS_FP16=1 -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+  -D__CUDA_NO_HALF2_OPERATORS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+  -DUSE_CUDA -DUSE_DISTRIBUTED -DUSE_C10D_NCCL -DUSE_C10D_GLOO
+  -DPYTORCH_C10_DRIVER_API_SUPPORTED=1 -DTORCH_CUDA_BUILD_MAIN_LIB
+  "-D_GLIBCXX_USE_CXX11_ABI=$CXX11_ABI" -DNDEBUG
+  -Xcompiler -fPIC
+  -I "$TREE" -I "$TORCH_INC" -I "$TORCH_INC/torch/csrc/api/include"
+)
+for d in "${AFTER_DIRS[@]+"${AFTER_DIRS[@]}"}"; do
+  CMD+=(-Xcompiler -idirafter -Xcompiler "$d")
+done
+
+echo "cxx_check: command:"
+printf '%q ' "${CMD[@]}"
+echo
+start_ns="$(date +%s%N)"
+rc=0
+"${CMD[@]}" || rc=$?
+end_ns="$(date +%s%N)"
+elapsed="$(awk -v a="$start_ns" -v b="$end_ns" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')"
+
+if [[ "$rc" -ne 0 ]]; then
+  echo "cxx_check: FAILED: nvcc exited with $rc after ${elapsed}s (compile error)" >&2
+  exit 1
+fi
+
+# Show which CUDASymmetricMemory.hpp the compiler actually read.
+used_hpp="$(tr -s ' ' '\n' <"$DEP" | grep -F "$HPP_REL" | head -n1 || true)"
+echo "cxx_check: header used: ${used_hpp:-?}"
+if [[ -f "$TREE/$HPP_REL" && "$used_hpp" != "$TREE/$HPP_REL" ]]; then
+  echo "cxx_check: FAILED: expected $TREE/$HPP_REL to shadow the wheel's header" >&2
+  exit 1
+fi
+echo "cxx_check: OK: compiled in ${elapsed}s ($(wc -c <"$OBJ") byte object, arch $ARCH)"
