@@ -27,6 +27,7 @@ Turns the patch series into a stack of commits in the PyTorch checkout DIR
 Options:
   --source DIR     PyTorch checkout at the pin (default: env PYTORCH_SRC)
   --upto N         apply patches 1..N only (passed to apply_and_build.sh)
+  --series-dir DIR the series to apply (default: patches/; passed on)
   --force          passed to apply_and_build.sh
   --dry-run        stop before any network step: build and rewrite the stack,
                    then print, for each commit, the pull request title and
@@ -48,6 +49,7 @@ die() {
 
 SRC="${PYTORCH_SRC:-}"
 UPTO=""
+SERIES_DIR=""
 FORCE=0
 DRY_RUN=0
 GHSTACK_ARGS=()
@@ -57,6 +59,8 @@ while (($#)); do
         --source=*) SRC="${1#*=}"; shift ;;
         --upto) UPTO="${2:?--upto needs a number}"; shift 2 ;;
         --upto=*) UPTO="${1#*=}"; shift ;;
+        --series-dir) SERIES_DIR="${2:?--series-dir needs a directory}"; shift 2 ;;
+        --series-dir=*) SERIES_DIR="${1#*=}"; shift ;;
         --force) FORCE=1; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -100,6 +104,7 @@ g() { git -C "$SRC" "$@"; }
 # 1. One commit per patch, by the one script that knows how.
 apply_args=(--source "$SRC" --no-build --no-tests)
 [[ -n "$UPTO" ]] && apply_args+=(--upto "$UPTO")
+[[ -n "$SERIES_DIR" ]] && apply_args+=(--series-dir "$SERIES_DIR")
 ((FORCE)) && apply_args+=(--force)
 say "applying the series: scripts/apply_and_build.sh ${apply_args[*]}"
 "$ROOT/scripts/apply_and_build.sh" "${apply_args[@]}"

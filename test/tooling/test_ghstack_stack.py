@@ -1,0 +1,543 @@
+"""scripts/ghstack_stack.sh, run with --dry-run on a clone of the wheel-derived
+base repo (scripts/stack.py base), and the nightly workflow's build step.
+
+The stack is built twice over: from a synthetic 2-patch series made here
+against the base (always), and from the real series in patches/ (when it is
+there and applies to the wheel-derived base).  The pin file handed to the
+scripts (SYMM_STACK_PIN_FILE) names the clone's commit as the pin; the
+overlay that the final tree is compared with is made against the real pin
+and the installed torch.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "ghstack_stack.sh"
+STACK_PY = REPO / "scripts" / "stack.py"
+APPLY = REPO / "scripts" / "apply_and_build.sh"
+NIGHTLY = REPO / ".github" / "workflows" / "nightly.yml"
+CI = REPO / ".github" / "workflows" / "ci.yml"
+TESTS_DIR = REPO / "test" / "distributed"
+SUBDIR = "test/distributed/symm_mem_stack"
+IDENTITY = {
+    "GIT_AUTHOR_NAME": "Stack Test",
+    "GIT_AUTHOR_EMAIL": "stack-test@example.invalid",
+    "GIT_COMMITTER_NAME": "Stack Test",
+    "GIT_COMMITTER_EMAIL": "stack-test@example.invalid",
+}
+
+
+def run(
+    args: list[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "SYMM_STACK_PIN_FILE"}
+    full_env.update(IDENTITY)
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(
+        args, cwd=cwd, env=full_env, text=True, capture_output=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, args))} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def git(repo: Path, *args: str) -> str:
+    return run(["git", "-C", str(repo), *args]).stdout
+
+
+def stack_py(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, str(STACK_PY), *args], check=check)
+
+
+def read_pin(path: Path) -> dict[str, str]:
+    pin = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            pin[key] = value
+    return pin
+
+
+# --------------------------------------------------------------------------- base
+
+
+@pytest.fixture(scope="session")
+def base_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """build/base (made or refreshed by stack.py base), else a private base."""
+    if not STACK_PY.is_file():
+        pytest.skip("scripts/stack.py is not there yet")
+    proc = stack_py("base", check=False)
+    if proc.returncode == 0:
+        return REPO / "build" / "base"
+    if "torch" in proc.stderr and (
+        "wrong torch" in proc.stderr or "no torch" in proc.stderr
+    ):
+        pytest.skip(f"no pinned torch for {sys.executable}: {proc.stderr.strip()}")
+    # build/base is held by someone's work or is not ours: use a private one.
+    private = tmp_path_factory.mktemp("base") / "base"
+    stack_py("base", "--out", str(private))
+    return private
+
+
+@dataclass(frozen=True)
+class Series:
+    name: str
+    dir: Path
+    patches: list[Path]
+
+
+def patch_files(patch: Path) -> set[str]:
+    names = set()
+    for line in patch.read_text(encoding="utf-8", errors="replace").splitlines():
+        m = re.match(r"^diff --git a/(\S+) b/(\S+)$", line)
+        if m:
+            names |= {m[1], m[2]}
+    return names
+
+
+def series_patches(series_dir: Path) -> list[Path]:
+    names = [
+        line.strip()
+        for line in (series_dir / "series").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    return [series_dir / name for name in names]
+
+
+SYNTHETIC = [
+    (
+        "[inductor] Add a symmetric-memory planning stub",
+        "Summary:\nAdds torch/_inductor/symm_mem_stack_demo.py, the first step of a\n"
+        "synthetic series used to test scripts/ghstack_stack.sh.\n\n"
+        "Test Plan:\npython -c 'import torch._inductor.symm_mem_stack_demo'\n\n"
+        "Signed-off-by: Stack Test <stack-test@example.invalid>\n",
+    ),
+    (
+        "[inductor] Use the planning stub",
+        "Summary:\nExtends the stub and touches an existing module.\n\n"
+        "Test Plan:\nCI\n",
+    ),
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic_series(
+    base_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Series:
+    """Two patches made here against the base and exported by stack.py export."""
+    root = tmp_path_factory.mktemp("synthetic")
+    work = root / "work"
+    run(["git", "clone", "-q", str(base_repo), str(work)])
+    git(work, "checkout", "-q", "-b", "synth", "pin-base")
+    demo = work / "torch" / "_inductor" / "symm_mem_stack_demo.py"
+    demo.write_text('"""Synthetic module."""\n\nPLANNED = ()\n')
+    git(work, "add", str(demo))
+    title, body = SYNTHETIC[0]
+    git(work, "commit", "-q", "-m", f"{title}\n\n{body}")
+    demo.write_text('"""Synthetic module."""\n\nPLANNED = ("one_shot_all_reduce",)\n')
+    config = work / "torch" / "_inductor" / "config.py"
+    config.write_text(config.read_text() + "\n# synthetic series: patch 2\n")
+    git(work, "add", str(demo), str(config))
+    title, body = SYNTHETIC[1]
+    git(work, "commit", "-q", "-m", f"{title}\n\n{body}")
+    out = root / "series"
+    stack_py("export", "--base-dir", str(work), "--branch", "synth", "--out", str(out))
+    return Series("synthetic", out, series_patches(out))
+
+
+@pytest.fixture(scope="session")
+def real_series(base_repo: Path) -> Series:
+    series_dir = REPO / "patches"
+    if not (series_dir / "series").is_file():
+        pytest.skip("patches/series is not written yet")
+    patches = series_patches(series_dir)
+    if not patches:
+        pytest.skip("patches/series lists no patch yet")
+    tracked = set(
+        git(base_repo, "ls-tree", "-r", "--name-only", "pin-base").split("\n")
+    )
+    added: set[str] = set()
+    for patch in patches:
+        for name in patch_files(patch):
+            if (
+                name not in tracked
+                and name not in added
+                and not name.startswith("test/")
+            ):
+                if f"--- /dev/null\n+++ b/{name}" in patch.read_text(errors="replace"):
+                    added.add(name)
+                else:
+                    pytest.skip(
+                        f"{patch.name} touches {name}, not in the wheel-derived base"
+                    )
+    return Series("real", series_dir, patches)
+
+
+@pytest.fixture(params=["synthetic", "real"])
+def series(request: pytest.FixtureRequest) -> Series:
+    return request.getfixturevalue(f"{request.param}_series")
+
+
+# --------------------------------------------------------------------------- stack
+
+
+@dataclass
+class Stack:
+    series: Series
+    src: Path
+    pin: str
+    commits: list[str]
+    proc: subprocess.CompletedProcess[str]
+    ghstack_log: Path
+
+
+def fake_ghstack(tmp: Path) -> tuple[Path, Path]:
+    log = tmp / "ghstack-calls.jsonl"
+    fake = tmp / "ghstack"
+    fake.write_text(
+        "#!/usr/bin/env python3\n"
+        "import json, os, sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd()}) + '\\n')\n"
+    )
+    fake.chmod(0o755)
+    return fake, log
+
+
+def make_checkout(base_repo: Path, tmp: Path, length: int) -> tuple[Path, Path, str]:
+    """A clone of the base at pin-base, and a pin file naming that commit."""
+    src = tmp / "pytorch"
+    run(["git", "clone", "-q", str(base_repo), str(src)])
+    git(src, "checkout", "-q", "--detach", "pin-base")
+    pin_commit = git(src, "rev-parse", "HEAD").strip()
+    pin = read_pin(REPO / "PIN")
+    pin["TORCH_GIT_COMMIT"] = pin_commit
+    pin["SERIES_LENGTH"] = str(length)
+    pin_file = tmp / "PIN"
+    pin_file.write_text("".join(f"{k}={v}\n" for k, v in pin.items()))
+    return src, pin_file, pin_commit
+
+
+def ghstack_stack(
+    src: Path,
+    pin_file: Path,
+    series: Series,
+    fake: Path,
+    *extra: str,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    return run(
+        [str(SCRIPT), "--source", str(src), "--series-dir", str(series.dir), *extra],
+        env={"SYMM_STACK_PIN_FILE": str(pin_file), "GHSTACK": str(fake)},
+        check=check,
+    )
+
+
+@pytest.fixture
+def stack(base_repo: Path, series: Series, tmp_path: Path) -> Stack:
+    if not APPLY.is_file():
+        pytest.skip("scripts/apply_and_build.sh is not there yet")
+    src, pin_file, pin_commit = make_checkout(base_repo, tmp_path, len(series.patches))
+    fake, log = fake_ghstack(tmp_path)
+    proc = ghstack_stack(src, pin_file, series, fake, "--dry-run")
+    commits = git(src, "rev-list", "--reverse", f"{pin_commit}..HEAD").split()
+    return Stack(series, src, pin_commit, commits, proc, log)
+
+
+def patch_message(patch: Path) -> tuple[str, str]:
+    """Title (without the [PATCH n/M] prefix) and body of a format-patch file."""
+    text = patch.read_text(encoding="utf-8", errors="replace")
+    head, _, rest = text.partition("\n\n")
+    message = email.message_from_string(head + "\n\n", policy=email.policy.default)
+    subject = re.sub(r"^\[PATCH[^\]]*\]\s*", "", str(message["Subject"]))
+    body = re.split(r"^---$", rest, maxsplit=1, flags=re.M)[0]
+    return subject, body.strip("\n")
+
+
+def copied_test_files() -> list[str]:
+    return sorted(p.name for p in TESTS_DIR.glob("*.py"))
+
+
+def expected_commands() -> list[str]:
+    commands = []
+    for name in copied_test_files():
+        if re.fullmatch(r"test_.*_cpu\.py", name):
+            commands.append(f"python -m pytest {SUBDIR}/{name}")
+        elif re.fullmatch(r"test_.*\.py", name):
+            commands.append(
+                f"torchrun --standalone --nproc-per-node 2 -m pytest {SUBDIR}/{name}"
+            )
+    return commands
+
+
+def test_one_commit_per_patch_on_the_stack_branch(stack: Stack) -> None:
+    n = len(stack.series.patches)
+    assert len(stack.commits) == n
+    assert (
+        git(stack.src, "symbolic-ref", "--short", "HEAD").strip()
+        == f"symm-mem-stack-{n}"
+    )
+    assert git(stack.src, "status", "--porcelain").strip() == ""
+    parents = git(stack.src, "rev-list", "--parents", "--reverse", f"{stack.pin}..HEAD")
+    assert all(len(line.split()) == 2 for line in parents.splitlines()), "no merges"
+
+
+def test_each_commit_keeps_title_summary_and_test_plan(stack: Stack) -> None:
+    commands = expected_commands()
+    assert commands, "this repository has test files to run"
+    for level, (commit, patch) in enumerate(
+        zip(stack.commits, stack.series.patches, strict=True), 1
+    ):
+        title, body = patch_message(patch)
+        message = git(stack.src, "log", "-1", "--format=%B", commit).rstrip("\n")
+        lines = message.split("\n")
+        assert lines[0] == title
+        assert "Summary:" in lines and "Test Plan:" in lines
+        intro = next(
+            i for i, line in enumerate(lines) if line.startswith("Tests of this commit")
+        )
+        assert f"series level {level}" in lines[intro]
+        assert lines.index("Test Plan:") < intro
+        added = lines[intro : intro + 2 + len(commands)]
+        assert [line.strip() for line in added[2:]] == commands
+        # What is left once the added block is taken out is the original message.
+        rest = lines[:intro] + lines[intro + 2 + len(commands) :]
+        squeeze = [line for line in rest[1:] if line.strip()]
+        assert squeeze == [line for line in body.split("\n") if line.strip()]
+        # Trailers stay last.
+        original_last = [line for line in body.split("\n") if line.strip()][-1]
+        if original_last.startswith("Signed-off-by:"):
+            assert lines[-1] == original_last
+
+
+def test_commit_n_carries_the_tests_and_series_level_n(stack: Stack) -> None:
+    want = {name: (TESTS_DIR / name).read_bytes() for name in copied_test_files()}
+    assert "stack_level.py" in want
+    for level, (commit, patch) in enumerate(
+        zip(stack.commits, stack.series.patches, strict=True), 1
+    ):
+        listed = git(stack.src, "ls-tree", "--name-only", f"{commit}:{SUBDIR}").split()
+        assert sorted(listed) == sorted([*want, "SERIES_LEVEL"])
+        assert git(stack.src, "show", f"{commit}:{SUBDIR}/SERIES_LEVEL").strip() == str(
+            level
+        )
+        for name, content in want.items():
+            blob = subprocess.run(
+                ["git", "-C", str(stack.src), "show", f"{commit}:{SUBDIR}/{name}"],
+                capture_output=True,
+                check=True,
+            ).stdout
+            assert blob == content, f"{name} in commit {level}"
+        # Outside the tests folder, the commit changes exactly the patch's files.
+        changed = set(
+            git(
+                stack.src, "diff", "--name-only", "--no-renames", f"{commit}^", commit
+            ).split()
+        )
+        assert {c for c in changed if not c.startswith(SUBDIR + "/")} == patch_files(
+            patch
+        )
+        expected_tests = {f"{SUBDIR}/SERIES_LEVEL"}
+        if level == 1:
+            expected_tests |= {f"{SUBDIR}/{name}" for name in want}
+        assert {c for c in changed if c.startswith(SUBDIR + "/")} == expected_tests
+
+
+def test_final_tree_equals_the_overlay(stack: Stack, tmp_path: Path) -> None:
+    n = len(stack.series.patches)
+    out = tmp_path / "overlay"
+    stack_py(
+        "overlay",
+        "--upto",
+        str(n),
+        "--series-dir",
+        str(stack.series.dir),
+        "--out",
+        str(out),
+    )
+    meta = json.loads((out / str(n) / "OVERLAY.json").read_text())
+    files = meta["files"]
+    assert files, "the series patches torch Python files"
+    tree = set(git(stack.src, "ls-tree", "-r", "--name-only", "HEAD").split("\n"))
+    for rel, digest in files.items():
+        if digest is None:
+            assert rel not in tree, f"{rel} is deleted by the series"
+            continue
+        final = subprocess.run(
+            ["git", "-C", str(stack.src), "show", f"HEAD:{rel}"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert final == (out / str(n) / rel).read_bytes(), rel
+
+
+def test_dry_run_names_every_pull_request_and_stays_offline(stack: Stack) -> None:
+    out = stack.proc.stdout
+    n = len(stack.series.patches)
+    positions = []
+    for level, patch in enumerate(stack.series.patches, 1):
+        title, _ = patch_message(patch)
+        line = f"PR {level}/{n}: {title}"
+        assert line in out
+        positions.append(out.index(line))
+    assert positions == sorted(positions), "bottom of the stack first"
+    assert f"{SUBDIR}/SERIES_LEVEL" in out
+    assert f"{SUBDIR}/stack_level.py" in out
+    assert f"submit {stack.pin}..HEAD" in out
+    assert not stack.ghstack_log.exists(), "a dry run must not call ghstack"
+
+
+def test_submit_passes_extra_flags_to_ghstack(
+    base_repo: Path, synthetic_series: Series, tmp_path: Path
+) -> None:
+    if not APPLY.is_file():
+        pytest.skip("scripts/apply_and_build.sh is not there yet")
+    src, pin_file, pin_commit = make_checkout(
+        base_repo, tmp_path, len(synthetic_series.patches)
+    )
+    fake, log = fake_ghstack(tmp_path)
+    ghstack_stack(src, pin_file, synthetic_series, fake, "--", "--draft", "--no-skip")
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls == [
+        {
+            "argv": ["submit", "--draft", "--no-skip", f"{pin_commit}..HEAD"],
+            "cwd": str(src),
+        }
+    ]
+
+
+def test_refuses_a_checkout_that_is_not_at_the_pin(
+    base_repo: Path, synthetic_series: Series, tmp_path: Path
+) -> None:
+    if not APPLY.is_file():
+        pytest.skip("scripts/apply_and_build.sh is not there yet")
+    src, pin_file, pin_commit = make_checkout(
+        base_repo, tmp_path, len(synthetic_series.patches)
+    )
+    (src / "stray.txt").write_text("x\n")
+    git(src, "add", "stray.txt")
+    git(src, "commit", "-q", "-m", "not the pin")
+    fake, log = fake_ghstack(tmp_path)
+    proc = ghstack_stack(
+        src, pin_file, synthetic_series, fake, "--dry-run", check=False
+    )
+    assert proc.returncode != 0
+    assert pin_commit in proc.stdout + proc.stderr
+    assert git(src, "branch", "--list", "symm-mem-stack-*").strip() == ""
+    assert not log.exists()
+
+
+def test_help_and_shellcheck() -> None:
+    proc = run([str(SCRIPT), "--help"])
+    assert "--dry-run" in proc.stdout and "--source" in proc.stdout
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    shellcheck = shellcheck or shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    run([shellcheck, str(SCRIPT), str(REPO / "scripts" / "install_lint_tools.sh")])
+
+
+# --------------------------------------------------------------------------- workflows
+
+
+def test_nightly_builds_through_apply_and_build_source_mode() -> None:
+    text = NIGHTLY.read_text()
+    calls = re.findall(r"^\s*(\S*scripts/apply_and_build\.sh [^\n]*)$", text, re.M)
+    build = [c for c in calls if "--source" in c]
+    assert len(build) == 1, calls
+    flags = build[0].split()
+    for flag in ("--source", "--wheel", "--no-tests", "--upto"):
+        assert flag in flags, build[0]
+    # One source of truth: the workflow itself neither applies nor builds.
+    for forbidden in (
+        "git am",
+        "git apply",
+        "pip wheel",
+        "setup.py",
+        "pip install -e",
+        "python -m build",
+    ):
+        assert forbidden not in text, forbidden
+    # The PyTorch checkout is the pinned commit, with submodules.
+    assert "repository: pytorch/pytorch" in text
+    assert "submodules: recursive" in text
+    assert "ref: ${{ needs.plan.outputs.torch_commit }}" in text
+
+
+def test_nightly_gpu_job_is_optional_and_reported() -> None:
+    text = NIGHTLY.read_text()
+    gpu = text[text.index("\n  gpu-tests:") : text.index("\n  summary:")]
+    for var in (
+        "NCCL_NVLS_ENABLE",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+        "NVSHMEM_DISABLE_NVLS",
+    ):
+        assert re.search(rf"^\s+{var}: \"[01]\"$", gpu, re.M), var
+    assert "continue-on-error: true" in gpu
+    assert re.search(r"timeout-minutes: \d+", gpu)
+    assert "runs-on: ${{ needs.plan.outputs.gpu_runner }}" in gpu
+    assert "gpu_runner_label:" in text and "upto:" in text
+    summary = text[text.index("\n  summary:") :]
+    assert "if: always()" in summary
+    for word in ("passed", "FAILED", "unavailable"):
+        assert word in summary
+
+
+@pytest.mark.parametrize("path", [CI, NIGHTLY], ids=lambda p: p.name)
+def test_workflow_hardening(path: Path) -> None:
+    text = path.read_text()
+    assert re.search(r"^permissions: \{\}$", text, re.M)
+    assert re.search(r"^concurrency:$", text, re.M)
+    uses = re.findall(r"uses: (\S+)(.*)$", text, re.M)
+    assert uses
+    for ref, comment in uses:
+        assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", ref), ref
+        assert re.fullmatch(r" # v\d+\.\d+\.\d+", comment), (ref, comment)
+    checkouts = text.count("uses: actions/checkout@")
+    assert text.count("persist-credentials: false") == checkouts
+    for block in re.findall(r"(?ms)^\s+run: \|?\n?(.*?)(?=^\s+(?:- |\w[\w-]*:))", text):
+        assert "${{" not in block, block
+    for job in re.findall(
+        r"(?ms)^  [\w-]+:\n    name:.*?(?=^  [\w-]+:\n    name:|\Z)", text
+    ):
+        assert "timeout-minutes:" in job
+        assert "permissions:" in job
+
+
+def test_workflows_pass_actionlint_and_zizmor() -> None:
+    actionlint = REPO / "build" / "tools" / "bin" / "actionlint"
+    zizmor = Path(sys.executable).parent / "zizmor"
+    ran = False
+    if actionlint.is_file():
+        run([str(actionlint), str(CI), str(NIGHTLY)], cwd=REPO)
+        ran = True
+    if zizmor.is_file():
+        run([str(zizmor), "--offline", "--persona", "pedantic", str(CI), str(NIGHTLY)])
+        ran = True
+    if not ran:
+        pytest.skip(
+            "neither actionlint (scripts/install_lint_tools.sh) nor zizmor is installed"
+        )
