@@ -15,8 +15,9 @@ Usage: scripts/ghstack_stack.sh --source DIR [options] [-- GHSTACK_SUBMIT_ARGS..
 Turns the patch series into a stack of commits in the PyTorch checkout DIR
 (at the pin, clean) and submits it with ghstack, one pull request per patch.
 
-  1. scripts/apply_and_build.sh --source DIR --no-build --no-tests applies the
-     series: one commit per patch on a new branch (it does every check).
+  1. scripts/apply_and_build.sh --source DIR --no-build --no-tests (with this
+     repository's .venv Python, --no-venv) applies the series: one commit per
+     patch on a new branch symm-mem-stack-N (it does every check).
   2. Commit n is rewritten to carry the tests: $TEST_SUBDIR/
      gets this repository's test/distributed/*.py and a SERIES_LEVEL file
      holding n, so the level-gated tests of commit n are exactly those of
@@ -102,7 +103,9 @@ PYTHON="$ROOT/.venv/bin/python"
 g() { git -C "$SRC" "$@"; }
 
 # 1. One commit per patch, by the one script that knows how.
-apply_args=(--source "$SRC" --no-build --no-tests)
+# Only scripts/stack.py runs there: this repository's .venv (or python3) as it
+# is, without the venv that source mode would otherwise make for a build.
+apply_args=(--source "$SRC" --no-build --no-tests --python "$PYTHON" --no-venv)
 [[ -n "$UPTO" ]] && apply_args+=(--upto "$UPTO")
 [[ -n "$SERIES_DIR" ]] && apply_args+=(--series-dir "$SERIES_DIR")
 ((FORCE)) && apply_args+=(--force)

@@ -351,6 +351,19 @@ def test_commit_n_carries_the_tests_and_series_level_n(stack: Stack) -> None:
                 check=True,
             ).stdout
             assert blob == content, f"{name} in commit {level}"
+        # stack_level.py, as copied, reads the level from SERIES_LEVEL.
+        probe = Path(stack.src).parent / f"probe-{level}"
+        probe.mkdir()
+        for name in ("stack_level.py", "SERIES_LEVEL"):
+            (probe / name).write_text(
+                git(stack.src, "show", f"{commit}:{SUBDIR}/{name}")
+            )
+        got = run(
+            [sys.executable, "-c", "import stack_level; print(stack_level.LEVEL)"],
+            cwd=probe,
+            env={"SYMM_STACK_LEVEL": "", "PYTHONPATH": ""},
+        )
+        assert got.stdout.strip() == str(level)
         # Outside the tests folder, the commit changes exactly the patch's files.
         changed = set(
             git(
