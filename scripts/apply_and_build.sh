@@ -1,0 +1,291 @@
+#!/usr/bin/env bash
+# The main job: put patches 1..N of the series on the pinned PyTorch and run
+# LoweringTest on it.  `scripts/apply_and_build.sh --help` explains the modes.
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+STACK_LOG_PREFIX=apply
+ROOT="$STACK_ROOT"
+
+usage() {
+    cat <<'EOF'
+Usage: scripts/apply_and_build.sh [MODE] [options]
+
+Modes:
+  (default)        wheel mode: venv with the pinned wheel (PIN's TORCH_WHEEL),
+                   check it, overlay patches 1..N (stack.py overlay), time the
+                   overlay plus `import torch._inductor.lowering`, run LoweringTest
+  --source DIR     source mode on an existing PyTorch checkout (env PYTORCH_SRC
+                   works too): check it (pinned commit, clean, nothing
+                   half-applied), git-am patches 1..N on a new branch
+                   symm-mem-stack-N, build it (pip install -e, or --wheel), then
+                   run LoweringTest against the built torch
+  --clone [DIR]    source mode on a fresh clone of PyTorch at TORCH_GIT_TAG, with
+                   submodules, into DIR (default build/pytorch); an existing
+                   checkout there is used as it is
+  --installed      test the torch already installed for --python (e.g. a wheel
+                   built by source mode): no overlay, no pin check
+
+Options:
+  --upto N         patches 1..N (default: PIN's SERIES_LENGTH; 0 = the stock pin)
+  --python PY      interpreter: the venv is made from it, or with --no-venv used
+                   as it is
+  --no-venv        use --python PY (default python3) as it is: no venv, no pip
+                   for this repository's tools (for offline machines)
+  --wheel          source mode: build a wheel into DIR/dist and install it,
+                   instead of `pip install -e .`
+  --no-build       source mode: stop after applying the patches (no build, no tests)
+  --no-tests       stop before LoweringTest
+  --force          source mode: replace an existing branch symm-mem-stack-N
+  --series-dir D   series to apply (default: patches/)
+  --overlay-dir D  overlay root for wheel mode (default: build/overlay)
+  -h, --help       this text
+
+LoweringTest: with 2 or more CUDA GPUs visible, the GPU tier
+  timeout ${GPU_TIMEOUT:-1200} torchrun --standalone --nproc-per-node 2 \
+      -m pytest -v test/distributed/test_symm_mem_lowering.py
+(torchrun run as `PY -m torch.distributed.run`, with NCCL_NVLS_ENABLE=0,
+TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 unless already set);
+otherwise the CPU tier, pytest test/distributed/test_symm_mem_lowering_cpu.py.
+Both run with SYMM_STACK_LEVEL=N.
+
+Environment: PYTORCH_SRC (source checkout), GPU_TIMEOUT (seconds, default 1200),
+SYMM_STACK_PIN_FILE (another pin file, for tests), and for the source build
+MAX_JOBS (default: nproc), TORCH_CUDA_ARCH_LIST (default "9.0"), USE_CUDA,
+USE_DISTRIBUTED, CMAKE_* and the rest of PyTorch's build variables, passed
+through; ccache is used when installed (CMAKE_{C,CXX,CUDA}_COMPILER_LAUNCHER).
+
+Exit codes: 0 ok, 1 a step failed, 2 bad input or refusal.
+EOF
+}
+
+MODE=wheel
+UPTO=""
+PY_ARG=""
+NO_VENV=0
+SOURCE=""
+SOURCE_ARG=""
+CLONE=0
+CLONE_DIR=""
+WHEEL=0
+NO_BUILD=0
+NO_TESTS=0
+FORCE=0
+SERIES_DIR="$ROOT/patches"
+OVERLAY_DIR="$ROOT/build/overlay"
+
+need_value() {
+    [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die 2 "$1 needs a value"
+}
+
+while (($#)); do
+    case "$1" in
+        --upto) need_value "$@"; UPTO="$2"; shift 2 ;;
+        --python) need_value "$@"; PY_ARG="$2"; shift 2 ;;
+        --no-venv) NO_VENV=1; shift ;;
+        --source) need_value "$@"; SOURCE_ARG="$2"; shift 2 ;;
+        --clone)
+            CLONE=1
+            if [[ $# -ge 2 && -n "$2" && "$2" != -* ]]; then
+                CLONE_DIR="$2"
+                shift
+            fi
+            shift
+            ;;
+        --installed) MODE=installed; shift ;;
+        --wheel) WHEEL=1; shift ;;
+        --no-build) NO_BUILD=1; shift ;;
+        --no-tests) NO_TESTS=1; shift ;;
+        --force) FORCE=1; shift ;;
+        --series-dir) need_value "$@"; SERIES_DIR="$2"; shift 2 ;;
+        --overlay-dir) need_value "$@"; OVERLAY_DIR="$2"; shift 2 ;;
+        -h | --help) usage; exit 0 ;;
+        *) die 2 "unknown argument '$1'; see --help" ;;
+    esac
+done
+
+load_pin
+if [[ -z "$UPTO" ]]; then
+    UPTO="$SERIES_LENGTH"
+fi
+[[ "$UPTO" =~ ^[0-9]+$ ]] || die 2 "--upto is '$UPTO'; needs a number 0..N"
+if [[ "$MODE" == installed ]]; then
+    if ((CLONE)) || [[ -n "$SOURCE_ARG" ]]; then
+        die 2 "--installed does not go with --source/--clone; needs one mode"
+    fi
+elif ((CLONE)); then
+    [[ -z "$SOURCE_ARG" ]] || die 2 "--clone and --source both given; needs one"
+    MODE=source
+elif [[ -n "$SOURCE_ARG" || -n "${PYTORCH_SRC:-}" ]]; then
+    SOURCE="${SOURCE_ARG:-$PYTORCH_SRC}"
+    MODE=source
+fi
+if [[ "$MODE" != source ]] && ((WHEEL || NO_BUILD || FORCE)); then
+    die 2 "--wheel, --no-build and --force belong to source mode (--source/--clone)"
+fi
+export SYMM_STACK_LEVEL="$UPTO"
+
+# ------------------------------------------------------------------ LoweringTest
+
+# gpu_count: CUDA GPUs visible to $PY's torch (0 when it cannot tell).
+gpu_count() {
+    local n
+    n="$(timeout 300 "$PY" -c 'import torch; print(torch.cuda.device_count())' \
+        2>/dev/null | tail -n1 || true)"
+    [[ "$n" =~ ^[0-9]+$ ]] && echo "$n" || echo 0
+}
+
+# lowering_tests: the GPU tier with 2+ GPUs, else the CPU tier; SYMM_STACK_LEVEL
+# and PYTHONPATH must already be set.
+lowering_tests() {
+    local gpus rc=0 file
+    gpus="$(gpu_count)"
+    cd "$ROOT"
+    if ((gpus >= 2)); then
+        file=test/distributed/test_symm_mem_lowering.py
+        [[ -f "$file" ]] || die 1 "$file not found: the GPU tier of LoweringTest is not written yet"
+        export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
+        export TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}"
+        export NVSHMEM_DISABLE_NVLS="${NVSHMEM_DISABLE_NVLS:-1}"
+        log "GPU tier: $gpus CUDA GPUs visible; $file on 2 ranks, level $SYMM_STACK_LEVEL, timeout ${GPU_TIMEOUT:-1200}s"
+        timeout "${GPU_TIMEOUT:-1200}" "$PY" -m torch.distributed.run --standalone \
+            --nproc-per-node 2 -m pytest -v "$file" || rc=$?
+        ((rc == 124)) && log "GPU tier timed out after ${GPU_TIMEOUT:-1200}s"
+    else
+        echo "GPU tier skipped: $gpus CUDA GPU(s) visible, 2 needed"
+        file=test/distributed/test_symm_mem_lowering_cpu.py
+        [[ -f "$file" ]] || die 1 "$file not found: the CPU tier of LoweringTest is not written yet"
+        log "CPU tier: $file, level $SYMM_STACK_LEVEL"
+        "$PY" -m pytest -v "$file" || rc=$?
+        ((rc == 5)) && log "pytest collected no tests: that counts as a failure"
+    fi
+    if ((rc != 0)); then
+        die 1 "LoweringTest failed (exit $rc) at level $SYMM_STACK_LEVEL"
+    fi
+    log "LoweringTest passed at level $SYMM_STACK_LEVEL"
+}
+
+# ------------------------------------------------------------------ wheel mode
+
+wheel_mode() {
+    select_python "$PY_ARG" "$NO_VENV" "$ROOT/.venv" 1
+    "$PY" "$STACK_PY" check-torch --python "$PY" >/dev/null
+    PYTHONPATH="$(without_overlays)"
+    export PYTHONPATH
+    local start target
+    start="$(now_us)"
+    if ((UPTO > 0)); then
+        target="$("$PY" "$STACK_PY" overlay --upto "$UPTO" --python "$PY" \
+            --series-dir "$SERIES_DIR" --out "$OVERLAY_DIR")"
+        PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
+        log "PYTHONPATH=$PYTHONPATH SYMM_STACK_LEVEL=$UPTO"
+    else
+        log "level 0: the stock pin, no overlay"
+    fi
+    (cd "$ROOT" && "$PY" -c 'import torch._inductor.lowering')
+    log "overlay + import torch._inductor.lowering: $(seconds_since "$start") s (target: 15 s)"
+    if ((NO_TESTS)); then
+        log "stopping before LoweringTest (--no-tests)"
+        return 0
+    fi
+    lowering_tests
+}
+
+# ------------------------------------------------------------------ source mode
+
+clone_source() {
+    local dir="${CLONE_DIR:-$ROOT/build/pytorch}"
+    if [[ -e "$dir" ]]; then
+        git -C "$dir" rev-parse --git-dir >/dev/null 2>&1 ||
+            die 2 "$dir exists and is not a git checkout; needs a free path for --clone"
+        log "$dir already exists: using that checkout, not cloning again"
+    else
+        log "cloning PyTorch $TORCH_GIT_TAG with submodules into $dir"
+        mkdir -p "$(dirname "$dir")"
+        GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null GIT_TERMINAL_PROMPT=0 \
+            git clone --branch "$TORCH_GIT_TAG" --depth 1 --recurse-submodules \
+            --shallow-submodules https://github.com/pytorch/pytorch "$dir"
+    fi
+    SOURCE="$dir"
+}
+
+build_source() {
+    export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+    if command -v ccache >/dev/null 2>&1; then
+        export CMAKE_C_COMPILER_LAUNCHER="${CMAKE_C_COMPILER_LAUNCHER:-ccache}"
+        export CMAKE_CXX_COMPILER_LAUNCHER="${CMAKE_CXX_COMPILER_LAUNCHER:-ccache}"
+        export CMAKE_CUDA_COMPILER_LAUNCHER="${CMAKE_CUDA_COMPILER_LAUNCHER:-ccache}"
+    fi
+    local name
+    for name in MAX_JOBS TORCH_CUDA_ARCH_LIST USE_CUDA USE_DISTRIBUTED \
+        CMAKE_C_COMPILER_LAUNCHER CMAKE_CXX_COMPILER_LAUNCHER CMAKE_CUDA_COMPILER_LAUNCHER; do
+        log "build env: $name=${!name-(unset)}"
+    done
+    log "pip install -r requirements.txt (PyTorch's build requirements)"
+    (cd "$SOURCE" && "$PY" -m pip install -r requirements.txt)
+    if ((WHEEL)); then
+        log "building a wheel into $SOURCE/dist"
+        (cd "$SOURCE" && "$PY" -m pip wheel --no-build-isolation --no-deps -v -w dist .)
+        local wheel="" candidate
+        for candidate in "$SOURCE"/dist/torch-*.whl; do
+            if [[ -f "$candidate" && (-z "$wheel" || "$candidate" -nt "$wheel") ]]; then
+                wheel="$candidate"
+            fi
+        done
+        [[ -n "$wheel" ]] || die 1 "no torch wheel in $SOURCE/dist after the build"
+        log "installing $wheel"
+        "$PY" -m pip install --force-reinstall --no-deps "$wheel"
+    else
+        log "building in place: pip install --no-build-isolation -v -e ."
+        (cd "$SOURCE" && "$PY" -m pip install --no-build-isolation -v -e .)
+    fi
+}
+
+source_mode() {
+    if ((CLONE)); then
+        clone_source
+    fi
+    [[ -d "$SOURCE" ]] || die 2 "source checkout $SOURCE is not a directory; needs a PyTorch clone"
+    SOURCE="$(cd "$SOURCE" && pwd)"
+    select_python "$PY_ARG" "$NO_VENV" "$ROOT/build/venv-source" 0
+    local force=()
+    ((FORCE)) && force=(--force)
+    "$PY" "$STACK_PY" apply-source --source "$SOURCE" --upto "$UPTO" \
+        --series-dir "$SERIES_DIR" "${force[@]}" >/dev/null
+    if ((NO_BUILD)); then
+        log "stopping after the patches (--no-build): branch symm-mem-stack-$UPTO in $SOURCE"
+        return 0
+    fi
+    build_source
+    PYTHONPATH="$(without_overlays)"
+    export PYTHONPATH
+    (cd "$ROOT" && "$PY" -c 'import torch; print("[apply] built torch", torch.__version__, "git", torch.version.git_version, "at", torch.__file__)' >&2)
+    if ((NO_TESTS)); then
+        log "stopping before LoweringTest (--no-tests)"
+        return 0
+    fi
+    lowering_tests
+}
+
+# ------------------------------------------------------------------ installed mode
+
+installed_mode() {
+    select_python "$PY_ARG" "$NO_VENV" "$ROOT/.venv" 1
+    PYTHONPATH="$(without_overlays)"
+    export PYTHONPATH
+    (cd "$ROOT" && "$PY" -c 'import torch; print("[apply] installed torch", torch.__version__, "git", torch.version.git_version, "at", torch.__file__)' >&2)
+    if ((NO_TESTS)); then
+        log "nothing to do (--installed with --no-tests)"
+        return 0
+    fi
+    lowering_tests
+}
+
+log "mode: $MODE, patches 1..$UPTO, pin $TORCH_GIT_TAG (${TORCH_GIT_COMMIT:0:12})"
+case "$MODE" in
+    wheel) wheel_mode ;;
+    source) source_mode ;;
+    installed) installed_mode ;;
+esac

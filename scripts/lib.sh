@@ -1,0 +1,157 @@
+# shellcheck shell=bash disable=SC2034  # its variables are for the scripts sourcing it
+# Helpers shared by scripts/apply_and_build.sh and scripts/test.sh.
+# Source it; it defines functions and STACK_ROOT, and runs nothing else.
+
+STACK_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STACK_PY="$STACK_ROOT/scripts/stack.py"
+: "${STACK_LOG_PREFIX:=stack}"
+
+# Filled by load_pin.
+TORCH_VERSION="" TORCH_GIT_TAG="" TORCH_GIT_COMMIT="" TORCH_WHEEL=""
+PYTHON_VERSION="" SERIES_LENGTH=""
+# Filled by select_python: the interpreter every later step uses.
+PY=""
+
+log() { printf '[%s] %s\n' "$STACK_LOG_PREFIX" "$*" >&2; }
+
+# die CODE MESSAGE: one line on stderr, then exit CODE (2: bad input).
+die() {
+    local code=$1
+    shift
+    log "error: $*"
+    exit "$code"
+}
+
+# load_pin: read PIN (or $SYMM_STACK_PIN_FILE) as KEY=VALUE lines, without
+# executing it, into the variables above.
+load_pin() {
+    local file="${SYMM_STACK_PIN_FILE:-$STACK_ROOT/PIN}" line key
+    [[ -f "$file" ]] || die 2 "pin file $file not found; needs KEY=VALUE lines"
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        line="${line%$'\r'}"
+        [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
+        [[ "$line" =~ ^([A-Z_][A-Z0-9_]*)=(.*)$ ]] ||
+            die 2 "$file: found '$line'; needs KEY=VALUE"
+        case "${BASH_REMATCH[1]}" in
+            TORCH_VERSION) TORCH_VERSION="${BASH_REMATCH[2]}" ;;
+            TORCH_GIT_TAG) TORCH_GIT_TAG="${BASH_REMATCH[2]}" ;;
+            TORCH_GIT_COMMIT) TORCH_GIT_COMMIT="${BASH_REMATCH[2]}" ;;
+            TORCH_WHEEL) TORCH_WHEEL="${BASH_REMATCH[2]}" ;;
+            PYTHON_VERSION) PYTHON_VERSION="${BASH_REMATCH[2]}" ;;
+            SERIES_LENGTH) SERIES_LENGTH="${BASH_REMATCH[2]}" ;;
+        esac
+    done <"$file"
+    for key in TORCH_VERSION TORCH_GIT_TAG TORCH_GIT_COMMIT TORCH_WHEEL \
+        PYTHON_VERSION SERIES_LENGTH; do
+        [[ -n "${!key}" ]] || die 2 "$file lacks $key; needs it set"
+    done
+    [[ "$SERIES_LENGTH" =~ ^[0-9]+$ ]] ||
+        die 2 "$file: SERIES_LENGTH is '$SERIES_LENGTH'; needs a number"
+}
+
+# python_minor PY: print "3.11" for a Python 3.11 interpreter.
+python_minor() {
+    "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'
+}
+
+# now_us: microseconds since the epoch.
+now_us() {
+    if [[ -n "${EPOCHREALTIME:-}" ]]; then
+        echo "${EPOCHREALTIME//[.,]/}"
+    else
+        echo $(($(date +%s%N) / 1000))
+    fi
+}
+
+# seconds_since START_US: "12.3" seconds since now_us printed START_US.
+seconds_since() {
+    local us=$(($(now_us) - $1))
+    printf '%d.%d' $((us / 1000000)) $((us % 1000000 / 100000))
+}
+
+# ensure_venv DIR WITH_TORCH [BASE_PY]: create DIR as a venv (from BASE_PY, else
+# python$PYTHON_VERSION, else python3 if it is that version) and pip install
+# requirements-dev.txt, plus $TORCH_WHEEL when WITH_TORCH is 1.  A stamp file
+# skips pip while the Python version and requirements are unchanged.
+ensure_venv() {
+    local dir=$1 with_torch=$2 base=${3:-} version have stamp
+    if [[ -z "$base" ]]; then
+        if command -v "python$PYTHON_VERSION" >/dev/null 2>&1; then
+            base="python$PYTHON_VERSION"
+        elif command -v python3 >/dev/null 2>&1 &&
+            [[ "$(python_minor python3)" == "$PYTHON_VERSION" ]]; then
+            base=python3
+        else
+            die 2 "no python$PYTHON_VERSION on PATH, and python3 is not $PYTHON_VERSION; needs Python $PYTHON_VERSION (PIN) or --python PY"
+        fi
+    fi
+    version="$(python_minor "$base")" || die 2 "cannot run $base; needs a working Python"
+    have=""
+    if [[ -x "$dir/bin/python" ]]; then
+        have="$(python_minor "$dir/bin/python" 2>/dev/null || true)"
+    fi
+    if [[ "$have" != "$version" ]]; then
+        log "creating $dir with $base (Python $version)"
+        "$base" -m venv --clear "$dir"
+    fi
+    local reqs=(-r "$STACK_ROOT/requirements-dev.txt")
+    if [[ "$with_torch" == 1 ]]; then
+        reqs=("$TORCH_WHEEL" "${reqs[@]}")
+    fi
+    stamp="$( (echo "$version ${reqs[*]}" && cat "$STACK_ROOT/requirements-dev.txt") |
+        sha256sum | cut -d' ' -f1)"
+    if [[ "$(cat "$dir/.stack-stamp" 2>/dev/null || true)" != "$stamp" ]]; then
+        log "pip install ${reqs[*]} into $dir (this can take a while)"
+        "$dir/bin/python" -m pip install --disable-pip-version-check "${reqs[@]}"
+        echo "$stamp" >"$dir/.stack-stamp"
+    else
+        log "$dir is up to date (Python $version, ${reqs[*]})"
+    fi
+    PY="$dir/bin/python"
+}
+
+# select_python PY_ARG NO_VENV VENV_DIR WITH_TORCH: set PY.  With NO_VENV=1 use
+# PY_ARG (default python3) as it is, installing nothing; else ensure_venv.
+select_python() {
+    local arg=$1 no_venv=$2 dir=$3 with_torch=$4
+    if [[ "$no_venv" == 1 ]]; then
+        PY="${arg:-python3}"
+        command -v "$PY" >/dev/null 2>&1 || die 2 "interpreter $PY not found; needs --python PY"
+        log "using $PY (Python $(python_minor "$PY")) as it is: no venv, no pip"
+    else
+        ensure_venv "$dir" "$with_torch" "$arg"
+    fi
+}
+
+# find_tool NAME: print the path of NAME beside $PY, else on PATH; fail if none.
+find_tool() {
+    local beside
+    beside="$(dirname "$PY")/$1"
+    if [[ -x "$beside" ]]; then
+        echo "$beside"
+    else
+        command -v "$1"
+    fi
+}
+
+# without_overlays: print $PYTHONPATH minus entries that hold an OVERLAY.json.
+without_overlays() {
+    local entry parts=() kept=() IFS=:
+    read -r -a parts <<<"${PYTHONPATH:-}"
+    for entry in "${parts[@]}"; do
+        if [[ -n "$entry" && ! -f "$entry/OVERLAY.json" ]]; then
+            kept+=("$entry")
+        fi
+    done
+    echo "${kept[*]}"
+}
+
+# series_count SERIES_DIR: how many patches `series` lists (0 without a series).
+series_count() {
+    local file="$1/series"
+    if [[ -f "$file" ]]; then
+        grep -cvE '^[[:space:]]*(#|$)' "$file" || true
+    else
+        echo 0
+    fi
+}
