@@ -900,25 +900,59 @@ def is_python_source(path: str) -> bool:
     return path.startswith("torch/") and path.endswith(".py")
 
 
+def _holds_python(src: str) -> set[str]:
+    """Directories under `src` with Python source somewhere beneath them."""
+    holding: set[str] = set()
+    for dirpath, _dirs, filenames in os.walk(src, topdown=False):
+        if any(n.endswith(".py") for n in filenames) or any(
+            os.path.join(dirpath, d) in holding for d in _dirs
+        ):
+            holding.add(dirpath)
+    return holding
+
+
 def mirror_tree(src: Path, dst: Path) -> int:
-    """Real directories, every file a symlink to the installed one."""
+    """Mirror `src` at `dst`: real directories, files as symlinks to `src`.
+
+    A directory with no Python source beneath it (include/, lib/, share/ ...)
+    is one symlink to the installed directory: Python never writes there, and
+    it saves thousands of links.  __pycache__ stays a real directory of links,
+    so Python can replace a cached file without touching the installed one.
+    """
+    holding = _holds_python(str(src))
     count = 0
     for dirpath, dirnames, filenames in os.walk(src):
-        here = Path(dirpath)
-        target = dst / here.relative_to(src)
-        target.mkdir(exist_ok=True)
+        target = os.path.normpath(os.path.join(dst, os.path.relpath(dirpath, src)))
+        os.mkdir(target)
         for name in list(dirnames):
-            if (here / name).is_symlink():
+            full = os.path.join(dirpath, name)
+            if name == "__pycache__":
+                continue
+            if os.path.islink(full) or full not in holding:
                 dirnames.remove(name)
                 filenames.append(name)
         for name in filenames:
-            os.symlink(here / name, target / name)
+            os.symlink(os.path.join(dirpath, name), os.path.join(target, name))
             count += 1
     return count
 
 
+def expand_links(tree: Path, rel: str) -> None:
+    """Make every directory on the way to `rel` real, so nothing writes through."""
+    path = tree
+    for part in Path(rel).parent.parts:
+        path = path / part
+        if path.is_symlink() and path.is_dir():
+            source = path.resolve()
+            path.unlink()
+            path.mkdir()
+            for child in sorted(source.iterdir()):
+                os.symlink(child, path / child.name)
+
+
 def materialize(tree: Path, rel: str) -> None:
     """Turn the symlink for `rel` into a real copy and drop its cached bytecode."""
+    expand_links(tree, rel)
     path = tree / rel
     if path.is_symlink():
         content = path.read_bytes()
@@ -1242,7 +1276,11 @@ def check_applies(base: Path, patches: Sequence[Patch]) -> tuple[list[str], list
         else:
             if patches and not any("not checked" in n for n in notes):
                 canonical = scratch / "canonical"
-                names = canonical_patches(worktree, start, "HEAD", canonical)
+                try:
+                    names = canonical_patches(worktree, start, "HEAD", canonical)
+                except StackError as err:
+                    names = []
+                    notes.append(f"canonical form not checked: {err}")
                 for patch, name in zip(patches, names, strict=False):
                     same = patch.name == name and (
                         patch.path.read_bytes() == (canonical / name).read_bytes()
