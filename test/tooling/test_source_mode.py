@@ -1,0 +1,149 @@
+"""apply_and_build.sh source mode (--no-build --no-tests) on a fake checkout.
+
+No PyTorch checkout can exist on the development machines, so the "checkout"
+is a clone of the wheel-derived base repo and a pin file (SYMM_STACK_PIN_FILE)
+names its HEAD as the pinned commit.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from tooling_helpers import APPLY, IDENTITY, PIN, REPO, TARGET, clean_env, git, run
+
+
+BRANCH = "symm-mem-stack-2"
+
+
+@pytest.fixture
+def checkout(stack_base: Path, tmp_path: Path) -> Path:
+    src = tmp_path / "pytorch"
+    git(tmp_path, "clone", "-q", "--branch", "base", str(stack_base), str(src))
+    return src
+
+
+def pin_for(tmp_path: Path, commit: str) -> Path:
+    pin = tmp_path / "PIN"
+    text = (REPO / "PIN").read_text().replace(PIN["TORCH_GIT_COMMIT"], commit)
+    pin.write_text(text)
+    return pin
+
+
+def apply(
+    checkout: Path, series: Path, *extra: str, pin_commit: str | None = None
+) -> tuple[int, str]:
+    commit = pin_commit or git(checkout, "rev-parse", "pin-base").strip()
+    pin = pin_for(checkout.parent, commit)
+    proc = run(
+        [
+            "bash",
+            APPLY,
+            "--source",
+            checkout,
+            "--upto",
+            "2",
+            "--series-dir",
+            series,
+            "--python",
+            sys.executable,
+            "--no-venv",
+            "--no-build",
+            "--no-tests",
+            *extra,
+        ],
+        env=clean_env(SYMM_STACK_PIN_FILE=str(pin)),
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def heads(repo: Path) -> str:
+    return git(repo, "for-each-ref", "--format=%(refname:short) %(objectname)")
+
+
+def test_applies_the_series_on_a_new_branch(checkout: Path, stack_series: Path) -> None:
+    rc, out = apply(checkout, stack_series)
+    assert rc == 0, out
+    assert git(checkout, "symbolic-ref", "--short", "HEAD").strip() == BRANCH
+    subjects = git(checkout, "log", "--format=%s", f"pin-base..{BRANCH}").splitlines()
+    assert subjects == [
+        "[inductor] comment the one-shot lowering, bump the mark",
+        "[inductor] add the tooling mark",
+    ]
+    assert "SYMM_STACK_TOOLING_MARK = 2" in (checkout / TARGET).read_text()
+    assert git(checkout, "status", "--porcelain") == ""
+
+
+def test_refuses_a_foreign_checkout(checkout: Path, stack_series: Path) -> None:
+    head = git(checkout, "rev-parse", "HEAD").strip()
+    before = heads(checkout)
+    rc, out = apply(checkout, stack_series, pin_commit="1" * 40)
+    assert rc == 2, out
+    assert "foreign checkout" in out and head in out and "1" * 40 in out
+    assert heads(checkout) == before
+
+
+def test_refuses_a_dirty_checkout(checkout: Path, stack_series: Path) -> None:
+    path = checkout / TARGET
+    path.write_text(path.read_text() + "# local edit\n")
+    before = heads(checkout)
+    rc, out = apply(checkout, stack_series)
+    assert rc == 2, out
+    assert "uncommitted changes" in out and TARGET in out
+    assert path.read_text().endswith("# local edit\n")
+    assert heads(checkout) == before
+
+
+def test_refuses_a_half_applied_series(
+    checkout: Path, stack_series: Path, bad_series: Path
+) -> None:
+    patches = sorted(str(p) for p in bad_series.glob("*.patch"))
+    proc = run(["git", "am", *patches], cwd=checkout, env=clean_env(**IDENTITY))
+    assert proc.returncode != 0
+    rc, out = apply(checkout, stack_series)
+    assert rc == 2, out
+    assert "half-applied" in out and "rebase-apply" in out
+    assert BRANCH not in heads(checkout)
+
+
+def test_refuses_an_existing_branch_unless_forced(
+    checkout: Path, stack_series: Path
+) -> None:
+    git(checkout, "branch", BRANCH)
+    before = heads(checkout)
+    rc, out = apply(checkout, stack_series)
+    assert rc == 2, out
+    assert f"branch {BRANCH} already exists" in out
+    assert heads(checkout) == before
+    rc, out = apply(checkout, stack_series, "--force")
+    assert rc == 0, out
+    assert git(checkout, "rev-list", "--count", f"pin-base..{BRANCH}").strip() == "2"
+
+
+def test_failure_restores_the_original_branch(checkout: Path, bad_series: Path) -> None:
+    before = heads(checkout)
+    rc, out = apply(checkout, bad_series)
+    assert rc == 2, out
+    assert "patch 2 does not apply" in out
+    assert f"{TARGET} hunk 2/2" in out
+    assert git(checkout, "symbolic-ref", "--short", "HEAD").strip() == "base"
+    assert heads(checkout) == before
+    assert git(checkout, "status", "--porcelain") == ""
+    assert not (checkout / ".git" / "rebase-apply").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--upto", "two"], "needs a number"),
+        (["--wheel"], "belong to source mode"),
+        (["--installed", "--source", "x"], "does not go with"),
+        (["--bogus"], "unknown argument"),
+        (["--source"], "--source needs a value"),
+    ],
+)
+def test_bad_arguments_are_refused(args: list[str], needle: str) -> None:
+    proc = run(["bash", APPLY, *args], env=clean_env())
+    assert proc.returncode == 2
+    assert needle in proc.stderr

@@ -1,0 +1,113 @@
+"""stack.py check-torch and base: the pin check and the reproducible base repo."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from tooling_helpers import PIN, REPO, clean_env, git, installed_torch_dir, run, stack
+
+
+PIN_COMMIT = PIN["TORCH_GIT_COMMIT"]
+
+
+def fake_torch(root: Path, git_version: str) -> Path:
+    pkg = root / "torch"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('fake torch imported')\n")
+    (pkg / "version.py").write_text(
+        f"__version__ = '9.9.9'\ngit_version = '{git_version}'\n"
+    )
+    return root
+
+
+def test_check_torch_reports_the_installed_torch() -> None:
+    spec = importlib.util.find_spec("torch")
+    assert spec is not None and spec.origin is not None
+    assert installed_torch_dir() == Path(spec.origin).parent
+
+
+def test_check_torch_refuses_another_torch(tmp_path: Path) -> None:
+    fake = fake_torch(tmp_path / "site", "deadbeef" * 5)
+    proc = stack("check-torch", env=clean_env(PYTHONPATH=str(fake)))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "deadbeef" * 5 in lines[0]
+    assert "9.9.9" in lines[0]
+    assert str(fake / "torch") in lines[0]
+    assert PIN_COMMIT in lines[0]
+
+
+def test_check_torch_looks_past_an_overlay(tmp_path: Path) -> None:
+    overlay = fake_torch(tmp_path / "overlay", "deadbeef" * 5)
+    (overlay / "OVERLAY.json").write_text("{}")
+    proc = stack("check-torch", env=clean_env(PYTHONPATH=str(overlay)))
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == installed_torch_dir()
+
+
+def test_check_torch_refuses_when_the_pin_differs(tmp_path: Path) -> None:
+    pin = tmp_path / "PIN"
+    text = (REPO / "PIN").read_text().replace(PIN_COMMIT, "0" * 40)
+    pin.write_text(text)
+    proc = stack("check-torch", env=clean_env(SYMM_STACK_PIN_FILE=str(pin)))
+    assert proc.returncode == 2
+    assert "0" * 40 in proc.stderr and PIN_COMMIT in proc.stderr
+
+
+def test_base_layout(stack_base: Path) -> None:
+    assert (stack_base / "torch/_inductor/comm_lowering.py").is_file()
+    assert (stack_base / "torch/csrc/distributed/c10d/symm_mem").is_dir()
+    assert not (stack_base / "torch/include").exists()
+    for rel in (REPO / "vendor/pytorch").rglob("*"):
+        name = rel.relative_to(REPO / "vendor/pytorch").as_posix()
+        if rel.is_file() and not name.startswith("README"):
+            assert (stack_base / name).read_bytes() == rel.read_bytes()
+    subject = git(stack_base, "log", "-1", "--format=%s", "pin-base").strip()
+    assert subject == (
+        f"PyTorch {PIN['TORCH_GIT_TAG']} ({PIN_COMMIT}) base, "
+        f"from the {PIN['TORCH_WHEEL']} wheel"
+    )
+    assert (
+        git(stack_base, "status", "--porcelain", "--ignored") == "!! .stack-base.json\n"
+    )
+    meta = json.loads((stack_base / ".stack-base.json").read_text())
+    assert meta["commit"] == git(stack_base, "rev-parse", "pin-base").strip()
+
+
+def test_base_is_reproducible_and_idempotent(stack_base: Path, tmp_path: Path) -> None:
+    again = tmp_path / "base"
+    first = stack("base", "--out", again)
+    assert first.returncode == 0, first.stderr
+    sha = git(stack_base, "rev-parse", "pin-base").strip()
+    assert first.stdout.strip() == sha
+    head = (again / ".git" / "index").stat().st_mtime_ns
+    second = stack("base", "--out", again)
+    assert second.returncode == 0 and second.stdout.strip() == sha
+    assert "up to date" in second.stderr
+    assert (again / ".git" / "index").stat().st_mtime_ns == head
+
+
+def test_base_refuses_a_foreign_directory(tmp_path: Path) -> None:
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("precious")
+    proc = stack("base", "--out", foreign)
+    assert proc.returncode == 2
+    assert "not a base made by" in proc.stderr
+    assert (foreign / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_bad_pin_file_is_refused_by_the_scripts(tmp_path: Path) -> None:
+    pin = tmp_path / "PIN"
+    pin.write_text("TORCH_VERSION=2.11.0\nthis is not a pin\n")
+    env = clean_env(SYMM_STACK_PIN_FILE=str(pin))
+    proc = run(["bash", REPO / "scripts/apply_and_build.sh", "--no-tests"], env=env)
+    assert proc.returncode == 2
+    assert "this is not a pin" in proc.stderr
+    proc = stack("check-torch", env=env)
+    assert proc.returncode == 2
+    assert "this is not a pin" in proc.stderr
