@@ -1137,20 +1137,21 @@ def ruff_codes(ruff: list[str], path: Path) -> tuple[Counter[str], list[str]]:
     return codes, lines
 
 
-def ruff_format_hunks(ruff: list[str], path: Path) -> int:
-    """How many hunks `ruff format` would change (0: formatted)."""
+def ruff_format_diff(ruff: list[str], path: Path) -> str:
+    """What `ruff format` would change, as a diff ('' when formatted)."""
     proc = subprocess.run(
-        ruff
-        + ["format", "--isolated", "--no-cache", "--diff"]
+        [*ruff, "format", "--isolated", "--no-cache", "--diff"]
         + ["--target-version", RUFF_TARGET, str(path)],
         text=True,
         capture_output=True,
     )
     if proc.returncode not in (0, 1):
-        raise StackError(
-            f"ruff format failed on {path}: {last_line(proc.stderr)}", code=1
-        )
-    return sum(1 for line in proc.stdout.splitlines() if line.startswith("@@"))
+        raise StackError(f"ruff format failed on {path}: {last_line(proc.stderr)}", 1)
+    return proc.stdout
+
+
+def hunk_count(diff: str) -> int:
+    return sum(1 for line in diff.splitlines() if line.startswith("@@"))
 
 
 def cmd_lint_patched(args: argparse.Namespace) -> int:
@@ -1171,9 +1172,10 @@ def cmd_lint_patched(args: argparse.Namespace) -> int:
         before_hunks = 0
         if original.is_file():
             before, _ = ruff_codes(ruff, original)
-            before_hunks = ruff_format_hunks(ruff, original)
+            before_hunks = hunk_count(ruff_format_diff(ruff, original))
         after, lines = ruff_codes(ruff, patched)
-        after_hunks = ruff_format_hunks(ruff, patched)
+        after_diff = ruff_format_diff(ruff, patched)
+        after_hunks = hunk_count(after_diff)
         worse = {code: n for code, n in after.items() if n > before.get(code, 0)}
         if worse:
             failures += 1
@@ -1187,6 +1189,8 @@ def cmd_lint_patched(args: argparse.Namespace) -> int:
                 f"FAIL {rel}: `ruff format` would change {after_hunks} hunk(s), "
                 f"{before_hunks} in the pinned file"
             )
+            for line in after_diff.splitlines()[:60]:
+                print(f"  {line}", file=sys.stderr)
         if not worse and after_hunks <= before_hunks:
             log(f"ok   {rel}")
     if failures:
