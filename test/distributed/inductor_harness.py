@@ -20,13 +20,13 @@ from unittest import mock
 
 import torch
 import torch.distributed._symmetric_memory  # noqa: F401  (registers symm_mem meta kernels)
+from torch._dynamo.source import ConstantSource
 from torch._inductor import ir
 from torch._inductor.debug import DebugContext
 from torch._inductor.graph import GraphLowering
 from torch._inductor.virtualized import V
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
 
@@ -54,8 +54,13 @@ def _register_missing_fakes() -> list[str]:
     }
     functional = ["multimem_one_shot_all_reduce"]
     registered = []
-    for name in [*returns_arg, *functional, "all_to_all_vdev", "tile_reduce",
-                 "multi_root_tile_reduce"]:
+    for name in [
+        *returns_arg,
+        *functional,
+        "all_to_all_vdev",
+        "tile_reduce",
+        "multi_root_tile_reduce",
+    ]:
         qualname = f"symm_mem::{name}"
         if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"):
             continue
@@ -64,9 +69,10 @@ def _register_missing_fakes() -> list[str]:
         op = getattr(torch.ops.symm_mem, name).default
         arg_names = [a.name for a in op._schema.arguments]
 
-        def fake(*args: Any, _name: str = name, _names: list[str] = arg_names,
-                 **kwargs: Any) -> Any:
-            bound = dict(zip(_names, args)) | kwargs
+        def fake(
+            *args: Any, _name: str = name, _names: list[str] = arg_names, **kwargs: Any
+        ) -> Any:
+            bound = dict(zip(_names, args, strict=False)) | kwargs
             if _name in returns_arg:
                 return bound[returns_arg[_name]]
             if _name in functional:
@@ -137,9 +143,15 @@ class Lowered:
 
     def by_op(self, op: torch._ops.OpOverload) -> list[ir.ExternKernel]:
         """The ExternKernels lowered with op overload ``op``."""
-        return [
-            b for b in self.graph.buffers if getattr(b, "op_overload", None) is op
-        ]
+        return [b for b in self.graph.buffers if getattr(b, "op_overload", None) is op]
+
+    def reads(self, buf: ir.Buffer) -> set[str]:
+        """Names of the buffers ``buf`` reads."""
+        with V.set_graph_handler(self.graph):
+            return {dep.name for dep in buf.get_read_writes().reads}
+
+    def input_name(self, i: int) -> str:
+        return self.graph.graph_input_names[i]
 
     def layout_of(self, name: str) -> ir.OutputSpec:
         return self.graph.get_buffer(name).get_output_spec()

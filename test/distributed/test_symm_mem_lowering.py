@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch._inductor.utils import run_and_get_code
 
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from stack_level import levels  # noqa: E402
@@ -46,7 +47,9 @@ def setUpModule() -> None:
     rank = int(os.environ["RANK"])
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     if not dist.is_initialized():
-        dist.init_process_group("nccl", device_id=torch.device("cuda"))
+        dist.init_process_group(
+            "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
+        )
 
 
 def tearDownModule() -> None:
@@ -200,6 +203,116 @@ class LoweringTest(unittest.TestCase):
     def test_pin_two_graphs_collide_on_alloc_id(self) -> None:
         with self.assertRaisesRegex(RuntimeError, "alloc_id"):
             self._two_graphs()
+
+    # [2/5] inputs Inductor does not allocate
+
+    def _check_calls(
+        self,
+        fn: Callable[..., torch.Tensor],
+        ref: Callable[..., torch.Tensor],
+        shapes: list[list[tuple[int, ...]]],
+        dynamic: bool = False,
+    ) -> str:
+        compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic or None)
+        code = ""
+        for it, call_shapes in enumerate(shapes):
+            args = [
+                torch.randn(shape, device="cuda") * (dist.get_rank() + 1) + it
+                for shape in call_shapes
+            ]
+            if dynamic:
+                for a in args:
+                    torch._dynamo.mark_dynamic(a, 0)
+            out, codes = run_and_get_code(compiled, *args)
+            code = codes[0] if codes else code
+            torch.testing.assert_close(out, ref(*args))
+        return code
+
+    @levels(2)
+    def test_graph_input_one_shot_static_and_dynamic(self) -> None:
+        gname = group_name()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(x, "sum", gname)
+
+        code = self._check_calls(fn, nccl_all_reduce, [[(256, 512)]] * 3)
+        self.assertEqual(code.count("= empty_strided_p2p("), 1)
+        self.assertEqual(code.count("@triton.jit"), 1)  # the identity copy
+        torch._dynamo.reset()
+        code = self._check_calls(
+            fn, nccl_all_reduce, [[(96, 64)], [(160, 64)], [(33, 64)]], dynamic=True
+        )
+        self.assertIn("empty_strided_p2p(", code)
+
+    @levels(2)
+    def test_graph_input_one_shot_copy(self) -> None:
+        gname = group_name()
+
+        def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(x, y, "sum", gname)
+
+        self._check_calls(fn, lambda x, y: nccl_all_reduce(y), [[(128, 256)] * 2] * 3)
+
+    @levels(2)
+    def test_custom_op_output_fed_to_one_shot(self) -> None:
+        gname = group_name()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(
+                torch.ops.symm_stack_gpu.scale(x), "sum", gname
+            )
+
+        code = self._check_calls(
+            fn, lambda x: nccl_all_reduce(x * 3), [[(128, 256)]] * 3
+        )
+        self.assertEqual(code.count("= empty_strided_p2p("), 1)
+
+    @levels(2)
+    def test_pointwise_producer_needs_no_copy(self) -> None:
+        gname = group_name()
+
+        def relu_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(
+                torch.relu(x @ w), "sum", gname
+            )
+
+        def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(a + b, "sum", gname)
+
+        for fn, ref, shapes in [
+            (
+                relu_mm,
+                lambda x, w: nccl_all_reduce(torch.relu(x @ w)),
+                [(64, 128), (128, 256)],
+            ),
+            (add, lambda a, b: nccl_all_reduce(a + b), [(128, 256)] * 2),
+        ]:
+            torch._dynamo.reset()
+            code = self._check_calls(fn, ref, [shapes] * 3)
+            # The pointwise kernel writes the P2P buffer: one kernel, no copy.
+            self.assertEqual(code.count("@triton.jit"), 1, code)
+            self.assertEqual(code.count("= empty_strided_p2p("), 1, code)
+
+    @levels(0, 1)
+    def test_pin_graph_input_fails_at_run_time(self) -> None:
+        gname = group_name()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(x, "sum", gname)
+
+        with self.assertRaisesRegex(RuntimeError, "empty_strided_p2p"):
+            torch.compile(fn, fullgraph=True)(torch.randn(64, 64, device="cuda"))
+
+
+@torch.library.custom_op("symm_stack_gpu::scale", mutates_args=())
+def _scale(x: torch.Tensor) -> torch.Tensor:
+    """No out variant: Inductor does not control its output allocation."""
+    return x * 3
+
+
+@_scale.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 if __name__ == "__main__":

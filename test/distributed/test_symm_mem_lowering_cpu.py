@@ -19,9 +19,16 @@ from pathlib import Path
 import torch
 from torch._inductor import ir
 
+
 sys.path.insert(0, str(Path(__file__).parent))
 
-from inductor_harness import CodeStats, comm_layout_names, GROUP, lower  # noqa: E402
+from inductor_harness import (  # noqa: E402
+    GROUP,
+    CodeStats,
+    Lowered,
+    comm_layout_names,
+    lower,
+)
 from stack_level import levels  # noqa: E402
 
 
@@ -59,7 +66,9 @@ def tile_reduce(x: torch.Tensor) -> torch.Tensor:
 class OutVariantLoweringTest(unittest.TestCase):
     """[1/5] functional symm_mem ops lower to ExternKernelOut."""
 
-    def _single_extern(self, lowered, op):
+    def _single_extern(
+        self, lowered: Lowered, op: torch._ops.OpOverload
+    ) -> ir.ExternKernel:
         kernels = lowered.by_op(op)
         self.assertEqual(len(kernels), 1, [type(b).__name__ for b in lowered.buffers()])
         return kernels[0]
@@ -91,8 +100,12 @@ class OutVariantLoweringTest(unittest.TestCase):
 
     @levels(1)
     def test_copy_variant_keeps_semantics(self) -> None:
-        lowered = lower(one_shot_copy, [((64, 32), BF16), ((64, 32), BF16)], codegen=False)
-        node = self._single_extern(lowered, symm_mem.one_shot_all_reduce_copy_out.default)
+        lowered = lower(
+            one_shot_copy, [((64, 32), BF16), ((64, 32), BF16)], codegen=False
+        )
+        node = self._single_extern(
+            lowered, symm_mem.one_shot_all_reduce_copy_out.default
+        )
         self.assertIs(type(node), ir.ExternKernelOut)
         symm_buffer, local_input = node.inputs
         # Only the staging buffer is P2P; the local input stays a plain buffer
@@ -154,6 +167,202 @@ class OutVariantLoweringTest(unittest.TestCase):
         )
 
 
+@torch.library.custom_op("symm_stack_test::scale", mutates_args=())
+def scale(x: torch.Tensor) -> torch.Tensor:
+    """A custom op without an out variant: Inductor lowers it to a
+    FallbackKernel and does not control its output allocation."""
+    return x * 3
+
+
+@scale.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def graph_input_one_shot(x: torch.Tensor) -> torch.Tensor:
+    return symm_mem.one_shot_all_reduce(x, "sum", GROUP)
+
+
+def graph_input_copy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return symm_mem.one_shot_all_reduce_copy(x, y, "sum", GROUP)
+
+
+def graph_input_multimem(x: torch.Tensor) -> torch.Tensor:
+    return symm_mem.multimem_one_shot_all_reduce(x, "sum", GROUP)
+
+
+def custom_op_output(x: torch.Tensor) -> torch.Tensor:
+    return symm_mem.one_shot_all_reduce(scale(x), "sum", GROUP)
+
+
+def relu_of_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return symm_mem.one_shot_all_reduce(torch.relu(x @ w), "sum", GROUP)
+
+
+def add_of_inputs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return symm_mem.one_shot_all_reduce(a + b, "sum", GROUP)
+
+
+def graph_input_tile_reduce(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    symm_mem.tile_reduce(x, out, 0, GROUP)
+    return out
+
+
+def _p2p_sources(lowered: Lowered) -> list[ir.Buffer]:
+    """What each P2P buffer computes: the placeholder names its
+    Pointwise identity copy reads, or the kind of kernel writing it."""
+    found = []
+    for buf in lowered.buffers():
+        if not isinstance(buf.get_output_spec(), ir.CommBufferLayout):
+            continue
+        found.append(buf)
+    return found
+
+
+def _is_identity_copy_of(lowered: Lowered, buf: ir.Buffer, name: str) -> bool:
+    data = getattr(buf, "data", None)
+    if not isinstance(data, ir.Pointwise):
+        return False
+    return (
+        lowered.reads(buf) == {name}
+        and "ops.load" in str(data)
+        and not any(
+            op in str(data) for op in ("ops.mul", "ops.add", "ops.relu", "ops.maximum")
+        )
+    )
+
+
+class UncontrolledInputTest(unittest.TestCase):
+    """[2/5] inputs Inductor does not allocate get one identity copy into P2P."""
+
+    def _only_p2p(self, lowered: Lowered) -> ir.Buffer:
+        p2p = _p2p_sources(lowered)
+        self.assertEqual(len(p2p), 1, [b.get_name() for b in p2p])
+        return p2p[0]
+
+    @levels(2)
+    def test_graph_input_is_copied_once(self) -> None:
+        for fn, inputs, out_op in [
+            (
+                graph_input_one_shot,
+                [((64, 32), BF16)],
+                symm_mem.one_shot_all_reduce_out.default,
+            ),
+            (
+                graph_input_multimem,
+                [((64, 32), BF16)],
+                symm_mem.multimem_one_shot_all_reduce_out.default,
+            ),
+            (
+                graph_input_copy,
+                [((64, 32), BF16)] * 2,
+                symm_mem.one_shot_all_reduce_copy_out.default,
+            ),
+        ]:
+            with self.subTest(fn=fn.__name__):
+                lowered = lower(fn, inputs)
+                p2p = self._only_p2p(lowered)
+                self.assertTrue(
+                    _is_identity_copy_of(lowered, p2p, lowered.input_name(0)), str(p2p)
+                )
+                (node,) = lowered.by_op(out_op)
+                self.assertEqual(node.inputs[0].get_name(), p2p.get_name())
+                assert lowered.code is not None
+                self.assertEqual(lowered.code.count("= empty_strided_p2p("), 1)
+                # exactly one kernel: the identity copy
+                self.assertEqual(lowered.code.count("@triton.jit"), 1)
+
+    @levels(0, 1)
+    def test_pin_passes_graph_input_through(self) -> None:
+        # Stock torch logs "Failed to realize ..." and hands the placeholder
+        # to the op, which then fails at run time on 2 GPUs.
+        lowered = lower(graph_input_one_shot, [((64, 32), BF16)])
+        self.assertEqual(_p2p_sources(lowered), [])
+        assert lowered.code is not None
+        self.assertNotIn("empty_strided_p2p(", lowered.code)
+
+    @levels(2)
+    def test_fallback_output_is_copied_once(self) -> None:
+        lowered = lower(custom_op_output, [((64, 32), BF16)])
+        (fallback,) = lowered.by_op(torch.ops.symm_stack_test.scale.default)
+        self.assertIsInstance(fallback, ir.FallbackKernel)
+        p2p = self._only_p2p(lowered)
+        self.assertIsInstance(p2p.data, ir.Pointwise)
+        (src,) = lowered.reads(p2p)
+        # the copy reads what the fallback kernel produced
+        self.assertIsInstance(
+            lowered.graph.get_buffer(src), (ir.FallbackKernel, ir.MultiOutput)
+        )
+        self.assertNotEqual(src, p2p.get_name())
+
+    @levels(0)
+    def test_pointwise_producer_becomes_p2p_without_copy(self) -> None:
+        for fn, inputs in [
+            (relu_of_mm, [((64, 128), BF16), ((128, 32), BF16)]),
+            (add_of_inputs, [((64, 32), BF16)] * 2),
+        ]:
+            with self.subTest(fn=fn.__name__):
+                lowered = lower(fn, inputs)
+                p2p = self._only_p2p(lowered)
+                # The pointwise op itself writes the P2P buffer: one kernel,
+                # no identity copy after it.
+                self.assertIsInstance(p2p.data, ir.Pointwise)
+                self.assertFalse(
+                    _is_identity_copy_of(lowered, p2p, lowered.input_name(0))
+                )
+                assert lowered.code is not None
+                self.assertEqual(lowered.code.count("@triton.jit"), 1)
+
+    @levels(2)
+    def test_p2p_producer_is_not_an_inplace_update(self) -> None:
+        # The kernel writing a P2P buffer must read its real input: an
+        # in-place update (in_out_ptr) would read the fresh P2P buffer.
+        for fn, inputs in [
+            (relu_of_mm, [((64, 128), BF16), ((128, 32), BF16)]),
+            (custom_op_output, [((64, 32), BF16)]),
+        ]:
+            with self.subTest(fn=fn.__name__):
+                lowered = lower(fn, inputs)
+                assert lowered.code is not None
+                self.assertNotIn("in_out_ptr", lowered.code)
+                (p2p,) = _p2p_sources(lowered)
+                self.assertRegex(
+                    lowered.code, rf"triton_\w+\.run\(buf\d+, {p2p.get_name()}, "
+                )
+
+    @levels(0, 1)
+    def test_pin_p2p_producer_is_an_inplace_update(self) -> None:
+        lowered = lower(relu_of_mm, [((64, 128), BF16), ((128, 32), BF16)])
+        assert lowered.code is not None
+        self.assertIn("in_out_ptr0", lowered.code)
+
+    @levels(2)
+    def test_dynamic_graph_input_gets_fresh_p2p_buffer(self) -> None:
+        lowered = lower(graph_input_one_shot, [((64, 32), BF16)], dynamic=True)
+        p2p = self._only_p2p(lowered)
+        self.assertTrue(
+            _is_identity_copy_of(lowered, p2p, lowered.input_name(0)), str(p2p)
+        )
+        assert lowered.code is not None
+        (line,) = [
+            ln for ln in lowered.code.splitlines() if "= empty_strided_p2p(" in ln
+        ]
+        # A persistent allocation (alloc_id) needs one size for every call.
+        self.assertNotIn("alloc_id", line)
+
+    @levels(2)
+    def test_mutated_graph_input_is_written_back(self) -> None:
+        lowered = lower(graph_input_tile_reduce, [((64, 32), BF16)] * 2)
+        (kernel,) = lowered.by_op(symm_mem.tile_reduce.default)
+        in_tile, out_tile = kernel.inputs
+        for buf in (in_tile, out_tile):
+            self.assertIsInstance(buf.get_output_spec(), ir.CommBufferLayout)
+        assert lowered.code is not None
+        # the result reaches the caller's `out` (arg1_1) after the op
+        after = lowered.code[lowered.code.index("symm_mem.tile_reduce.default(") :]
+        self.assertRegex(after, rf"\b{lowered.input_name(1)}\b")
+
+
 def _alloc_ids(code: str) -> list[int]:
     import re
 
@@ -188,11 +397,13 @@ class AllocIdTest(unittest.TestCase):
     def test_equal_across_processes(self) -> None:
         # Two "ranks": separate processes compiling the same graphs in the
         # same order must agree on every id.
+        here = str(Path(__file__).parent)
         script = (
-            "import json, sys; sys.path.insert(0, %r);"
+            f"import json, sys; sys.path.insert(0, {here!r});"
             "import test_symm_mem_lowering_cpu as t;"
-            "print(json.dumps([t._ids_of_fresh_lowering(64), t._ids_of_fresh_lowering(128)]))"
-        ) % str(Path(__file__).parent)
+            "print(json.dumps([t._ids_of_fresh_lowering(64),"
+            " t._ids_of_fresh_lowering(128)]))"
+        )
         runs = [
             subprocess.run(
                 [sys.executable, "-c", script],
@@ -200,7 +411,9 @@ class AllocIdTest(unittest.TestCase):
                 capture_output=True,
                 text=True,
                 env=dict(os.environ, PYTHONHASHSEED=str(seed)),
-            ).stdout.strip().splitlines()[-1]
+            )
+            .stdout.strip()
+            .splitlines()[-1]
             for seed in (1, 2)
         ]
         self.assertEqual(json.loads(runs[0]), json.loads(runs[1]))
