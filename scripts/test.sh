@@ -223,6 +223,13 @@ tooling_tests() {
 cxx_check() {
     local rc=0
     [[ -f scripts/cxx_check.sh ]] || skipped "scripts/cxx_check.sh is not written yet"
+    # nvcc's toolkit here lacks nvml.h (needed by c10/cuda/driver_api.h):
+    # NVIDIA ships it on PyPI; cxx_check.sh looks for it under build/cxx/deps.
+    if ((NO_VENV == 0)) && [[ ! -f build/cxx/deps/nvml/nvidia/cu13/include/nvml.h ]] \
+        && command -v nvcc >/dev/null; then
+        "$PY" -m pip install -q --no-deps --target build/cxx/deps/nvml \
+            'nvidia-nvml-dev==13.0.*' || log "could not install nvidia-nvml-dev"
+    fi
     bash scripts/cxx_check.sh --python "$PY" || rc=$?
     ((rc == 3)) && skipped "scripts/cxx_check.sh says it cannot run here (exit 3; reason above)"
     return "$rc"
