@@ -18,10 +18,10 @@ rows from one invocation on one card.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
-import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -29,15 +29,9 @@ from pathlib import Path
 from typing import Any
 
 
-def _code_stats(code: str) -> dict[str, int]:
-    body = code[code.index("def call(self, args):") :]
-    return {
-        "buffer_names": len(set(re.findall(r"\bbuf\d+\b", body))),
-        "reuses": len(re.findall(r"# reuse\b", body)),
-        "out_calls": len(re.findall(r"\bout=buf\d+", body)),
-        "p2p_allocs": len(re.findall(r"= empty_strided_p2p\(", body)),
-        "plain_allocs": len(re.findall(r"= empty_strided_cuda\(", body)),
-    }
+sys.path.insert(0, str(Path(__file__).parents[1] / "test" / "distributed"))
+
+from code_stats import CodeStats  # noqa: E402
 
 
 def _time_us(fn: Callable[[], Any], steps: int, repeats: int = 7) -> float:
@@ -99,7 +93,7 @@ def run(label: str, steps: int, warmup: int) -> dict[str, Any]:
         try:
             compiled = torch.compile(fn, fullgraph=True)
             _, (code, *_) = run_and_get_code(compiled, x, ws)
-            row.update(_code_stats(code))
+            row.update(dataclasses.asdict(CodeStats.of(code)))
             for _ in range(warmup):
                 compiled(x, ws)
             torch.cuda.synchronize()

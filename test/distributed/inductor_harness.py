@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -163,28 +162,6 @@ def comm_layout_names(lowered: Lowered) -> list[str]:
         for b in lowered.graph.buffers
         if isinstance(b.get_output_spec(), ir.CommBufferLayout)
     ]
-
-
-@dataclasses.dataclass(frozen=True)
-class CodeStats:
-    """Counts over the generated wrapper's ``call`` function."""
-
-    buffer_names: int
-    reuses: int
-    out_calls: int
-    p2p_allocs: int
-    plain_allocs: int
-
-    @classmethod
-    def of(cls, code: str) -> CodeStats:
-        body = code[code.index("def call(self, args):") :]
-        return cls(
-            buffer_names=len(set(re.findall(r"\bbuf\d+\b", body))),
-            reuses=len(re.findall(r"# reuse\b", body)),
-            out_calls=len(re.findall(r"\bout=buf\d+", body)),
-            p2p_allocs=len(re.findall(r"= empty_strided_p2p\(", body)),
-            plain_allocs=len(re.findall(r"= empty_strided_cuda\(", body)),
-        )
 
 
 def lower(

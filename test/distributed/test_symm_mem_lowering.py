@@ -13,7 +13,6 @@ Each test declares the series levels it holds for (stack_level.py).
 from __future__ import annotations
 
 import os
-import re
 import sys
 import unittest
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from torch._inductor.utils import run_and_get_code
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from code_stats import CodeStats  # noqa: E402
 from stack_level import levels  # noqa: E402
 
 
@@ -71,17 +71,6 @@ def nccl_all_reduce(t: torch.Tensor) -> torch.Tensor:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def code_stats(code: str) -> dict[str, int]:
-    body = code[code.index("def call(self, args):") :]
-    return {
-        "buffer_names": len(set(re.findall(r"\bbuf\d+\b", body))),
-        "reuses": len(re.findall(r"# reuse\b", body)),
-        "out_calls": len(re.findall(r"\bout=buf\d+", body)),
-        "p2p_allocs": len(re.findall(r"= empty_strided_p2p\(", body)),
-        "plain_allocs": len(re.findall(r"= empty_strided_cuda\(", body)),
-    }
 
 
 def eight_layers(gname: str) -> Callable[..., torch.Tensor]:
@@ -133,13 +122,13 @@ class LoweringTest(unittest.TestCase):
         compiled = torch.compile(eight_layers(group_name()), fullgraph=True)
         x, ws = self._eight_layer_inputs(seed=7)
         out, (code, *_) = run_and_get_code(compiled, x, ws)
-        stats = code_stats(code)
+        stats = CodeStats.of(code)
         # One P2P buffer and one regular buffer ping-pong through 8 layers.
-        self.assertEqual(stats["p2p_allocs"], 1, stats)
-        self.assertEqual(stats["plain_allocs"], 1, stats)
-        self.assertGreaterEqual(stats["reuses"], 14, stats)
-        self.assertLessEqual(stats["buffer_names"], 16, stats)
-        self.assertEqual(stats["out_calls"], 16, stats)
+        self.assertEqual(stats.p2p_allocs, 1, stats)
+        self.assertEqual(stats.plain_allocs, 1, stats)
+        self.assertGreaterEqual(stats.reuses, 14, stats)
+        self.assertLessEqual(stats.buffer_names, 16, stats)
+        self.assertEqual(stats.out_calls, 16, stats)
         self.assertEqual(
             code.count("torch.ops.symm_mem.one_shot_all_reduce_out.default("), 8
         )
@@ -150,9 +139,9 @@ class LoweringTest(unittest.TestCase):
         compiled = torch.compile(eight_layers(group_name()), fullgraph=True)
         x, ws = self._eight_layer_inputs(seed=7)
         _, (code, *_) = run_and_get_code(compiled, x, ws)
-        stats = code_stats(code)
+        stats = CodeStats.of(code)
         self.assertEqual(
-            (stats["buffer_names"], stats["reuses"], stats["out_calls"]),
+            (stats.buffer_names, stats.reuses, stats.out_calls),
             (24, 7, 8),
             stats,
         )

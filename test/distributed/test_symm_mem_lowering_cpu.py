@@ -22,9 +22,9 @@ from torch._inductor import ir
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from code_stats import CodeStats  # noqa: E402
 from inductor_harness import (  # noqa: E402
     GROUP,
-    CodeStats,
     Lowered,
     comm_layout_names,
     lower,
