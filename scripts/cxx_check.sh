@@ -35,7 +35,6 @@ REL_DIR="torch/csrc/distributed/c10d/symm_mem"
 CU_REL="$REL_DIR/CUDASymmetricMemory.cu"
 HPP_REL="$REL_DIR/CUDASymmetricMemory.hpp"
 VENDOR_CU="$ROOT/vendor/pytorch/$CU_REL"
-SERIES="$ROOT/patches/series"
 DEPS_DIR="$ROOT/build/cxx/deps"
 
 PY=""
@@ -55,8 +54,9 @@ Options:
   --python PY         Python whose torch provides the headers
                       (default: .venv/bin/python, else python3)
   --tree DIR          directory holding the patched torch/csrc/... sources
-                      (default: build a temporary tree from vendor/pytorch and
-                      the wheel's header, and apply patches/series to it)
+                      (default: a temporary `stack.py base` tree — the wheel's
+                      headers plus vendor/pytorch — with patches/series
+                      applied by `stack.py import`)
   --arch ARCH         GPU architecture for -arch (default: sm_90)
   --include-dir DIR   extra directory to search for missing third-party
                       headers (nvml.h, cusparse.h, ...); may be repeated
@@ -210,49 +210,18 @@ if [[ -n "$TREE" ]]; then
   fi
 else
   [[ -f "$VENDOR_CU" ]] || die_usage "vendored source missing: $VENDOR_CU"
-  TREE="$WORK/tree"
-  mkdir -p "$TREE/$REL_DIR"
-  cp "$VENDOR_CU" "$TREE/$CU_REL"
-  cp "$TORCH_INC/$HPP_REL" "$TREE/$HPP_REL"
-  # A repository of its own, so that git apply resolves paths against TREE
-  # even if TMPDIR lies inside some other work tree.
-  git -C "$TREE" init -q
-
-  applied=0
-  if [[ -f "$SERIES" ]]; then
-    while IFS= read -r entry || [[ -n "$entry" ]]; do
-      entry="${entry%%#*}"
-      entry="${entry#"${entry%%[![:space:]]*}"}"   # trim leading blanks
-      entry="${entry%"${entry##*[![:space:]]}"}"   # trim trailing blanks
-      [[ -n "$entry" ]] || continue
-      patch_file="$ROOT/patches/$entry"
-      [[ -f "$patch_file" ]] || die_usage "patches/series lists $entry, which does not exist"
-      # Paths the patch changes (new-side names; deletions keep the old name).
-      touched="$(git apply --numstat "$patch_file" | cut -f3-)" ||
-        die_usage "cannot parse $entry"
-      ours=0
-      while IFS= read -r path; do
-        [[ -n "$path" ]] || continue
-        case "$path" in
-          "$CU_REL" | "$HPP_REL") ours=1 ;;
-          torch/csrc/*)
-            echo "cxx_check: NOTE: $entry also changes $path, which this check does not compile"
-            ;;
-        esac
-      done <<<"$touched"
-      [[ "$ours" -eq 1 ]] || continue
-      if ! git -C "$TREE" apply --include="$CU_REL" --include="$HPP_REL" \
-        "$patch_file"; then
-        echo "cxx_check: FAILED: $entry does not apply to the vendored sources" >&2
-        exit 2
-      fi
-      echo "cxx_check: applied C++ hunks of $entry"
-      applied=$((applied + 1))
-    done <"$SERIES"
-  fi
-  if [[ "$applied" -eq 0 ]]; then
+  # The patched tree is the repository's own: the pin as a git repo (wheel
+  # headers under torch/csrc plus vendor/) with the series applied by git am.
+  TREE="$WORK/base"
+  "$PY" "$ROOT/scripts/stack.py" base --python "$PY" --out "$TREE" ||
+    die_usage "stack.py base failed"
+  "$PY" "$ROOT/scripts/stack.py" import --base-dir "$TREE" --series-dir "$ROOT/patches" ||
+    die_usage "the series does not apply (stack.py import)"
+  if git -C "$TREE" diff --quiet pin-base HEAD -- "$CU_REL" "$HPP_REL"; then
     echo "cxx_check: NOTE: no patch in patches/series changes $CU_REL or $HPP_REL;" \
       "compiling the UNPATCHED sources"
+  else
+    echo "cxx_check: compiling $CU_REL with the series' C++ hunks applied"
   fi
 fi
 
