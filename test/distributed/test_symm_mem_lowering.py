@@ -37,13 +37,20 @@ REASON = (
 )
 
 
+MULTICAST_OFF = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
 def setUpModule() -> None:
     if WORLD < 2 or not HAVE_GPUS:
         raise unittest.SkipTest(REASON)
-    for var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST"):
-        # Multicast must stay off on shared machines; the multimem ops are
-        # covered by the CPU tier only.
-        os.environ.setdefault(var, "0" if var == "NCCL_NVLS_ENABLE" else "1")
+    # Multicast must stay off on shared machines; the multimem ops are
+    # covered by the CPU tier only.
+    for var, value in MULTICAST_OFF.items():
+        os.environ.setdefault(var, value)
     rank = int(os.environ["RANK"])
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     if not dist.is_initialized():
