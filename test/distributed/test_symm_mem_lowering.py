@@ -241,6 +241,23 @@ class LoweringTest(unittest.TestCase):
         self.assertIn("empty_strided_p2p(", code)
 
     @levels(2)
+    def test_dynamic_mm_output_fed_to_one_shot(self) -> None:
+        gname = group_name()
+
+        def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(x @ w, "sum", gname)
+
+        code = self._check_calls(
+            fn,
+            lambda x, w: nccl_all_reduce(x @ w),
+            [[(n, 128), (128, 64)] for n in (96, 160, 33)],
+            dynamic=True,
+        )
+        # per-call P2P allocation written by the mm itself: no copy kernel
+        self.assertIn("empty_strided_p2p(", code)
+        self.assertNotIn("@triton.jit", code)
+
+    @levels(2)
     def test_graph_input_one_shot_copy(self) -> None:
         gname = group_name()
 

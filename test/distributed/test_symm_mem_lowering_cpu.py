@@ -199,6 +199,10 @@ def relu_of_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return symm_mem.one_shot_all_reduce(torch.relu(x @ w), "sum", GROUP)
 
 
+def mm_one_shot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return symm_mem.one_shot_all_reduce(x @ w, "sum", GROUP)
+
+
 def add_of_inputs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return symm_mem.one_shot_all_reduce(a + b, "sum", GROUP)
 
@@ -349,6 +353,34 @@ class UncontrolledInputTest(unittest.TestCase):
         ]
         # A persistent allocation (alloc_id) needs one size for every call.
         self.assertNotIn("alloc_id", line)
+
+    @levels(2)
+    def test_dynamic_inductor_buffer_becomes_p2p_without_copy(self) -> None:
+        lowered = lower(
+            mm_one_shot, [((64, 128), BF16), ((128, 32), BF16)], dynamic=True
+        )
+        p2p = self._only_p2p(lowered)
+        # the mm writes the P2P buffer itself: no identity copy, no kernel
+        self.assertIsInstance(p2p, ir.ExternKernelOut)
+        assert lowered.code is not None
+        self.assertNotIn("@triton.jit", lowered.code)
+        (line,) = [
+            ln for ln in lowered.code.splitlines() if "= empty_strided_p2p(" in ln
+        ]
+        self.assertNotIn("alloc_id", line)
+
+    @levels(0, 1)
+    def test_pin_dynamic_p2p_buffer_is_persistent(self) -> None:
+        # Stock torch gives a symbolic-size P2P buffer a persistent alloc_id,
+        # which fails at run time as soon as the size changes.
+        lowered = lower(
+            mm_one_shot, [((64, 128), BF16), ((128, 32), BF16)], dynamic=True
+        )
+        assert lowered.code is not None
+        (line,) = [
+            ln for ln in lowered.code.splitlines() if "= empty_strided_p2p(" in ln
+        ]
+        self.assertRegex(line, r"\(\(s\d+, s\d+\).*alloc_id=")
 
     @levels(2)
     def test_mutated_graph_input_is_written_back(self) -> None:
