@@ -28,7 +28,7 @@ Modes:
                    built by source mode): no overlay, no pin check
 
 Options:
-  --upto N         patches 1..N (default: PIN's SERIES_LENGTH; 0 = the stock pin)
+  --upto N         patches 1..N (default: every patch in the series; 0 = the stock pin)
   --python PY      interpreter: the venv is made from it, or with --no-venv used
                    as it is
   --no-venv        use --python PY (default python3) as it is: no venv, no pip
@@ -107,7 +107,8 @@ done
 
 load_pin
 if [[ -z "$UPTO" ]]; then
-    UPTO="$SERIES_LENGTH"
+    # every patch the series has (SERIES_LENGTH once it is complete)
+    UPTO="$(series_count "$SERIES_DIR")"
 fi
 [[ "$UPTO" =~ ^[0-9]+$ ]] || die 2 "--upto is '$UPTO'; needs a number 0..N"
 if [[ "$MODE" == installed ]]; then

@@ -54,9 +54,9 @@ Options:
   --python PY         Python whose torch provides the headers
                       (default: .venv/bin/python, else python3)
   --tree DIR          directory holding the patched torch/csrc/... sources
-                      (default: a temporary `stack.py base` tree — the wheel's
+                      (default: a temporary stack.py base tree — the wheel's
                       headers plus vendor/pytorch — with patches/series
-                      applied by `stack.py import`)
+                      applied by stack.py import)
   --arch ARCH         GPU architecture for -arch (default: sm_90)
   --include-dir DIR   extra directory to search for missing third-party
                       headers (nvml.h, cusparse.h, ...); may be repeated
