@@ -1,0 +1,211 @@
+"""CUDA graph trees with P2P (symmetric memory) buffers, GPU tier (2 GPUs).
+
+    torchrun --standalone --nproc-per-node 2 -m pytest -v \
+        test/distributed/test_symm_mem_cudagraphs.py
+
+Every rank runs the same tests in the same order with fixed iteration counts;
+every result is compared with an eager reference that uses NCCL all_reduce.
+The CPU tier of the same patch is test_symm_mem_cudagraphs_cpu.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import unittest
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch._dynamo.utils import counters
+from torch._inductor import cudagraph_trees
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from stack_level import levels  # noqa: E402
+
+
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+HAVE_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2
+REASON = (
+    f"needs torchrun with 2 processes on 2 CUDA GPUs "
+    f"(WORLD_SIZE={WORLD}, GPUs={torch.cuda.device_count()})"
+)
+REPLAYS = 100
+
+
+def setUpModule() -> None:
+    if WORLD < 2 or not HAVE_GPUS:
+        raise unittest.SkipTest(REASON)
+    for var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST"):
+        os.environ.setdefault(var, "0" if var == "NCCL_NVLS_ENABLE" else "1")
+    rank = int(os.environ["RANK"])
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
+        )
+
+
+def tearDownModule() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def group_name() -> str:
+    return dist.group.WORLD.group_name
+
+
+def nccl_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def eight_layers(gname: str) -> Callable[..., torch.Tensor]:
+    def model(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+        for w in ws:
+            x = torch.ops.symm_mem.one_shot_all_reduce(x @ w, "sum", gname)
+        return x
+
+    return model
+
+
+def eight_layers_reference(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    for w in ws:
+        x = nccl_all_reduce(x @ w)
+    return x
+
+
+def graph_input_one_shot(gname: str) -> Callable[..., torch.Tensor]:
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.symm_mem.one_shot_all_reduce(x, "sum", gname)
+
+    return model
+
+
+def tree_nodes() -> list[cudagraph_trees.CUDAGraphNode]:
+    manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
+    assert manager is not None
+    nodes = []
+    pending = [n for roots in manager.roots.values() for n in roots]
+    while pending:
+        node = pending.pop()
+        nodes.append(node)
+        pending.extend(n for kids in node.children.values() for n in kids)
+    return nodes
+
+
+class CudagraphTreeTest(unittest.TestCase):
+    def setUp(self) -> None:
+        torch._dynamo.reset()
+        cudagraph_trees.reset_cudagraph_trees()
+        counters.clear()
+        dist.barrier()
+
+    def tearDown(self) -> None:
+        torch.cuda.synchronize()
+        dist.barrier()
+
+    def _gen(self, seed: int) -> torch.Generator:
+        return torch.Generator(device="cuda").manual_seed(seed + 17 * dist.get_rank())
+
+    def _eight_layers(self) -> None:
+        compiled = torch.compile(
+            eight_layers(group_name()), mode="reduce-overhead", fullgraph=True
+        )
+        gen = self._gen(1)
+        x = torch.randn(128, 1024, device="cuda", dtype=torch.bfloat16, generator=gen)
+        ws = [
+            torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16, generator=gen)
+            / 32
+            for _ in range(8)
+        ]
+        for it in range(REPLAYS):
+            new = torch.randn(x.shape, device="cuda", dtype=x.dtype, generator=gen)
+            if it % 2:
+                x = new  # a fresh tensor
+            else:
+                x.copy_(new)  # new values in the same tensor
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(x, ws)
+            ref = eight_layers_reference(x, ws)
+            self.assertTrue(torch.isfinite(out).all(), it)
+            self.assertLess(rel_err(out, ref), 2e-2, it)
+
+    @levels(3)
+    def test_eight_layers_reduce_overhead(self) -> None:
+        with torch._inductor.config.patch({"triton.slow_path_cudagraph_asserts": True}):
+            self._eight_layers()
+        self.assertGreaterEqual(len(tree_nodes()), 1)
+
+    @levels(3)
+    def test_graph_input_one_shot_reduce_overhead(self) -> None:
+        compiled = torch.compile(
+            graph_input_one_shot(group_name()), mode="reduce-overhead", fullgraph=True
+        )
+        gen = self._gen(2)
+        x = torch.randn(256, 512, device="cuda", generator=gen)
+        with torch._inductor.config.patch({"triton.slow_path_cudagraph_asserts": True}):
+            for it in range(REPLAYS):
+                new = torch.randn(x.shape, device="cuda", generator=gen) + it
+                if it % 2:
+                    x = new
+                else:
+                    x.copy_(new)
+                torch.compiler.cudagraph_mark_step_begin()
+                out = compiled(x)
+                torch.testing.assert_close(out, nccl_all_reduce(x))
+
+    @levels(3)
+    def test_p2p_input_is_static_and_not_copied(self) -> None:
+        gname = group_name()
+
+        def fn(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(p, "sum", gname) + y
+
+        symm = torch._C._distributed_c10d._SymmetricMemory
+        p = symm.empty_strided_p2p(
+            (256, 512), (512, 1), torch.float32, torch.device("cuda"), gname
+        )
+        p_ptr = p.data_ptr()
+        compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+        gen = self._gen(3)
+        with torch._inductor.config.patch({"triton.slow_path_cudagraph_asserts": True}):
+            for it in range(REPLAYS):
+                p.copy_(torch.randn(p.shape, device="cuda", generator=gen))
+                y = torch.randn(p.shape, device="cuda", generator=gen) + it
+                torch.compiler.cudagraph_mark_step_begin()
+                out = compiled(p, y)
+                torch.testing.assert_close(out, nccl_all_reduce(p) + y)
+                self.assertEqual(p.data_ptr(), p_ptr)
+        nodes = tree_nodes()
+        self.assertEqual(len(nodes), 1)  # never re-recorded
+        (node,) = nodes
+        self.assertIn(0, node.static_input_idxs)
+        self.assertNotIn(0, node.non_static_input_idx)
+        self.assertEqual(node.static_input_data_ptrs[0], p_ptr)
+        # Only y was copied into the pool.
+        self.assertEqual(
+            counters["inductor"]["cudagraph_recorded_non_static_inputs"], 1
+        )
+
+    @levels(0, 2)
+    def test_pin_warmup_rendezvous_left_in_pool(self) -> None:
+        with (
+            torch._inductor.config.patch({"triton.slow_path_cudagraph_asserts": True}),
+            self.assertRaisesRegex(RuntimeError, "not tracked as outputs"),
+        ):
+            self._eight_layers()
+
+
+if __name__ == "__main__":
+    unittest.main()
