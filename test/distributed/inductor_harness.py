@@ -170,10 +170,12 @@ def lower(
     *,
     codegen: bool = True,
     dynamic: bool = False,
+    functionalize: bool = False,
 ) -> Lowered:
     """Trace ``fn`` on fake CUDA tensors of the given shapes and lower it.
 
-    With ``dynamic=True`` every dimension of every input is symbolic.
+    With ``dynamic=True`` every dimension of every input is symbolic; with
+    ``functionalize=True`` the graph is functionalized as torch.compile does.
     """
     shape_env = ShapeEnv()
     mode = FakeTensorMode(shape_env=shape_env)
@@ -190,6 +192,9 @@ def lower(
                     for d, n in enumerate(shape)
                 ]
             args.append(torch.empty(shape, dtype=dtype, device="cuda"))
+        if functionalize:
+            # what torch.compile traces: mutations become functional ops
+            fn = torch.func.functionalize(fn, remove="mutations_and_views")
         gm = make_fx(fn)(*args)
     with fake_cuda_device():
         graph = GraphLowering(gm, example_inputs=args, shape_env=shape_env)

@@ -258,6 +258,52 @@ class LoweringTest(unittest.TestCase):
         self.assertNotIn("@triton.jit", code)
 
     @levels(2)
+    def test_graph_input_two_shot_all_reduce_(self) -> None:
+        gname = group_name()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            torch.ops.symm_mem.two_shot_all_reduce_(x, "sum", gname)
+            return x * 1
+
+        for dynamic, shapes in [
+            (False, [[(256, 512)]] * 3),
+            (True, [[(96, 64)], [(160, 64)], [(64, 64)]]),
+        ]:
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True)
+            for it, (shape,) in enumerate(shapes):
+                x = torch.randn(shape, device="cuda") * (dist.get_rank() + 1) + it
+                if dynamic:
+                    torch._dynamo.mark_dynamic(x, 0)
+                ref = nccl_all_reduce(x)
+                out = compiled(x)
+                torch.testing.assert_close(out, ref)
+                torch.testing.assert_close(x, ref)  # mutated in place, as eager
+
+    @levels(2)
+    def test_graph_input_reduce_scatter_out(self) -> None:
+        gname = group_name()
+        world = dist.get_world_size()
+
+        def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            torch.ops.symm_mem.reduce_scatter_out(x, gname, False, out)
+            return out + 0
+
+        for dynamic, rows in [(False, [128, 128, 128]), (True, [64, 192, 96])]:
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True)
+            for it, n in enumerate(rows):
+                x = torch.randn(n, 256, device="cuda") * (dist.get_rank() + 1) + it
+                out = torch.empty(n // world, 256, device="cuda")
+                if dynamic:
+                    torch._dynamo.mark_dynamic(x, 0)
+                    torch._dynamo.mark_dynamic(out, 0)
+                ref = torch.empty_like(out)
+                dist.reduce_scatter_tensor(ref, x)
+                torch.testing.assert_close(compiled(x, out), ref)
+                torch.testing.assert_close(out, ref)
+
+    @levels(2)
     def test_graph_input_one_shot_copy(self) -> None:
         gname = group_name()
 

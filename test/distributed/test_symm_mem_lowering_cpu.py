@@ -212,6 +212,14 @@ def graph_input_tile_reduce(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def graph_input_inplace_collectives(
+    x: torch.Tensor, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    symm_mem.two_shot_all_reduce_(x, "sum", GROUP)
+    symm_mem.reduce_scatter_out(x * 2, GROUP, False, out)
+    return x + 1, out
+
+
 def _p2p_sources(lowered: Lowered) -> list[ir.Buffer]:
     """What each P2P buffer computes: the placeholder names its
     Pointwise identity copy reads, or the kind of kernel writing it."""
@@ -381,6 +389,39 @@ class UncontrolledInputTest(unittest.TestCase):
             ln for ln in lowered.code.splitlines() if "= empty_strided_p2p(" in ln
         ]
         self.assertRegex(line, r"\(\(s\d+, s\d+\).*alloc_id=")
+
+    @levels(2)
+    def test_inplace_collectives_compile_functionally(self) -> None:
+        # What torch.compile traces: the Functionalize kernels turn
+        # two_shot_all_reduce_ and reduce_scatter_out into functional ops,
+        # which run on P2P copies of their graph inputs.
+        lowered = lower(
+            graph_input_inplace_collectives,
+            [((64, 32), BF16), ((32, 32), BF16)],
+            functionalize=True,
+        )
+        (two_shot,) = lowered.by_op(symm_mem.two_shot_all_reduce_.default)
+        (reduce_scatter,) = lowered.by_op(symm_mem.reduce_scatter_out.default)
+        for kernel, name in ((two_shot, "x"), (reduce_scatter, None)):
+            p2p = kernel.inputs[0]
+            self.assertIsInstance(p2p.get_output_spec(), ir.CommBufferLayout)
+            if name is not None:
+                self.assertTrue(
+                    _is_identity_copy_of(lowered, p2p, lowered.input_name(0))
+                )
+        out = reduce_scatter.inputs[1]
+        self.assertNotIsInstance(out.get_output_spec(), ir.CommBufferLayout)
+        assert lowered.code is not None
+        self.assertEqual(lowered.code.count("= empty_strided_p2p("), 2)
+
+    @levels(0, 1)
+    def test_pin_cannot_functionalize_inplace_collectives(self) -> None:
+        with self.assertRaisesRegex(RuntimeError, "alias annotations"):
+            lower(
+                graph_input_inplace_collectives,
+                [((64, 32), BF16), ((32, 32), BF16)],
+                functionalize=True,
+            )
 
     @levels(2)
     def test_mutated_graph_input_is_written_back(self) -> None:
