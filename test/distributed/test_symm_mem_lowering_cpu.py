@@ -414,6 +414,21 @@ class UncontrolledInputTest(unittest.TestCase):
         assert lowered.code is not None
         self.assertEqual(lowered.code.count("= empty_strided_p2p("), 2)
 
+    @levels(2)
+    def test_functional_forms_lowered_without_importing_symm_mem(self) -> None:
+        # torch.compile imports Inductor's lowerings before anything imports
+        # torch.distributed._symmetric_memory, which defines these ops.
+        script = (
+            "import torch, torch._inductor.lowering as L;"
+            "ops = torch.ops.symm_mem;"
+            "print(ops._two_shot_all_reduce.default in L.lowerings,"
+            " ops._reduce_scatter.default in L.lowerings)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], check=True, capture_output=True, text=True
+        ).stdout.split()
+        self.assertEqual(out[-2:], ["True", "True"])
+
     @levels(0, 1)
     def test_pin_cannot_functionalize_inplace_collectives(self) -> None:
         with self.assertRaisesRegex(RuntimeError, "alias annotations"):
