@@ -26,7 +26,7 @@ from torch._inductor.utils import run_and_get_code
 sys.path.insert(0, str(Path(__file__).parent))
 
 from code_stats import CodeStats  # noqa: E402
-from stack_level import levels  # noqa: E402
+from stack_level import holds, levels  # noqa: E402
 
 
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
@@ -233,12 +233,18 @@ class LoweringTest(unittest.TestCase):
 
         code = self._check_calls(fn, nccl_all_reduce, [[(256, 512)]] * 3)
         self.assertEqual(code.count("= empty_strided_p2p("), 1)
-        self.assertEqual(code.count("@triton.jit"), 1)  # the identity copy
+        if holds(2, 4):
+            self.assertEqual(code.count("@triton.jit"), 1)  # the identity copy
+        else:
+            # [5/5] a persistent staging buffer filled by copy_, no kernel
+            self.assertEqual(code.count("@triton.jit"), 0)
+            self.assertEqual(code.count(".copy_("), 1)
         torch._dynamo.reset()
         code = self._check_calls(
             fn, nccl_all_reduce, [[(96, 64)], [(160, 64)], [(33, 64)]], dynamic=True
         )
         self.assertIn("empty_strided_p2p(", code)
+        self.assertEqual(code.count("@triton.jit"), 1)  # dynamic: identity copy
 
     @levels(2)
     def test_dynamic_mm_output_fed_to_one_shot(self) -> None:

@@ -252,7 +252,7 @@ class UncontrolledInputTest(unittest.TestCase):
         self.assertEqual(len(p2p), 1, [b.get_name() for b in p2p])
         return p2p[0]
 
-    @levels(2)
+    @levels(2, 4)
     def test_graph_input_is_copied_once(self) -> None:
         for fn, inputs, out_op in [
             (

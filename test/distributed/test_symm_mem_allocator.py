@@ -1,0 +1,238 @@
+"""[5/5] Static graph inputs of symm_mem ops staged by `copy_`, GPU tier.
+
+Run under torchrun, one process per GPU:
+
+    torchrun --standalone --nproc-per-node 2 -m pytest -v \
+        test/distributed/test_symm_mem_allocator.py
+
+A static-shape graph input of a symm_mem op gets one persistent P2P staging
+buffer, filled by `staging.copy_(input)` on every call (no identity-copy
+kernel); inputs of symbolic shape still take patch 2's identity copy.  Results
+are compared with an eager NCCL all_reduce.  The reduce-overhead and graph
+partition variants also rely on patches 3 and 4 (CUDA graph trees with P2P
+inputs), so they hold from level 5 on like the rest of this file.  The CPU
+tier is test_symm_mem_allocator_cpu.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import unittest
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch._inductor.utils import run_and_get_code
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from stack_level import levels  # noqa: E402
+
+
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+HAVE_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2
+REASON = (
+    f"needs torchrun with 2 processes on 2 CUDA GPUs "
+    f"(WORLD_SIZE={WORLD}, GPUs={torch.cuda.device_count()})"
+)
+CALLS = 100
+
+MULTICAST_OFF = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def setUpModule() -> None:
+    if WORLD < 2 or not HAVE_GPUS:
+        raise unittest.SkipTest(REASON)
+    for var, value in MULTICAST_OFF.items():
+        os.environ.setdefault(var, value)
+    rank = int(os.environ["RANK"])
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
+        )
+
+
+def tearDownModule() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def group_name() -> str:
+    return dist.group.WORLD.group_name
+
+
+def nccl_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def p2p_allocs(code: str) -> list[str]:
+    return [ln.strip() for ln in code.splitlines() if "= empty_strided_p2p(" in ln]
+
+
+class GraphInputStagingTest(unittest.TestCase):
+    def setUp(self) -> None:
+        torch._dynamo.reset()
+        dist.barrier()
+
+    def tearDown(self) -> None:
+        torch.cuda.synchronize()
+        dist.barrier()
+
+    def _inputs(self, it: int, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        gen = torch.Generator(device="cuda").manual_seed(1000 * it + dist.get_rank())
+        return [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+
+    def _run(
+        self,
+        fn: Callable[..., torch.Tensor],
+        ref: Callable[..., torch.Tensor],
+        shapes: Callable[[int], list[tuple[int, ...]]],
+        calls: int = CALLS,
+        **compile_kwargs: object,
+    ) -> str:
+        """Compile `fn`, call it `calls` times with new values, compare every
+        result with `ref`; return the code of the first call."""
+        compiled = torch.compile(fn, fullgraph=True, **compile_kwargs)
+        code = ""
+        for it in range(calls):
+            args = self._inputs(it, shapes(it))
+            if it == 0:
+                out, codes = run_and_get_code(compiled, *args)
+                code = codes[0]
+            else:
+                out = compiled(*args)
+            # a CUDA graph's output is overwritten by its next replay
+            out = out.clone()
+            torch.testing.assert_close(out, ref(*args), msg=f"call {it}")
+        return code
+
+    def _assert_staged_once_per_input(self, code: str, inputs: int) -> None:
+        # one persistent P2P buffer per input at most (a later staging buffer
+        # may reuse an earlier one), filled by one copy_ per input
+        allocs = p2p_allocs(code)
+        self.assertTrue(1 <= len(allocs) <= inputs, allocs)
+        for alloc in allocs:
+            self.assertRegex(alloc, r"alloc_id=\d+\)$")
+        self.assertEqual(len(re.findall(r"\bbuf\d+\.copy_\(", code)), inputs, code)
+
+    def _one_shot(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        gname = group_name()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(x, "sum", gname)
+
+        return fn
+
+    @levels(5)
+    def test_static_graph_input_default_mode(self) -> None:
+        code = self._run(self._one_shot(), nccl_all_reduce, lambda it: [(256, 512)])
+        self._assert_staged_once_per_input(code, 1)
+        self.assertNotIn("@triton.jit", code)  # no identity-copy kernel
+
+    @levels(5)
+    def test_two_static_graph_inputs_default_mode(self) -> None:
+        gname = group_name()
+
+        def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            a = torch.ops.symm_mem.one_shot_all_reduce(x, "sum", gname)
+            b = torch.ops.symm_mem.one_shot_all_reduce(y, "sum", gname)
+            return a * 2 + b
+
+        code = self._run(
+            fn,
+            lambda x, y: nccl_all_reduce(x) * 2 + nccl_all_reduce(y),
+            lambda it: [(128, 256), (128, 256)],
+        )
+        self._assert_staged_once_per_input(code, 2)
+        self.assertEqual(code.count("@triton.jit"), 1)  # the final a * 2 + b
+
+    @levels(5)
+    def test_static_graph_input_one_shot_copy(self) -> None:
+        gname = group_name()
+
+        def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(x, y, "sum", gname)
+
+        code = self._run(
+            fn, lambda x, y: nccl_all_reduce(y), lambda it: [(128, 256)] * 2
+        )
+        self._assert_staged_once_per_input(code, 1)
+
+    def _one_shot_then_mm(self) -> Callable[..., torch.Tensor]:
+        gname = group_name()
+
+        def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(x, "sum", gname) @ w
+
+        return fn
+
+    def _reduce_overhead(self, graph_partition: bool) -> str:
+        with torch._inductor.config.patch(graph_partition=graph_partition):
+            return self._run(
+                self._one_shot_then_mm(),
+                lambda x, w: nccl_all_reduce(x) @ w,
+                lambda it: [(256, 512), (512, 128)],
+                mode="reduce-overhead",
+            )
+
+    @levels(5)
+    def test_static_graph_input_reduce_overhead(self) -> None:
+        # the whole graph, staging copy included, is one CUDA graph
+        code = self._reduce_overhead(graph_partition=False)
+        self._assert_staged_once_per_input(code, 1)
+        self.assertNotIn("@triton.jit", code)
+
+    @levels(5)
+    def test_static_graph_input_graph_partition(self) -> None:
+        # The copy runs outside the CUDA graph on every call; the partition
+        # gets the persistent staging buffer as a (static) P2P input.
+        code = self._reduce_overhead(graph_partition=True)
+        self._assert_staged_once_per_input(code, 1)
+        body = code[code.index("def call(self, args):") :]
+        staging = re.search(r"\b(buf\d+)\.copy_\(", body)
+        assert staging is not None
+        args = re.search(r"partition0_args = \[([^\]]*)\]", body)
+        assert args is not None, body
+        self.assertIn(staging.group(1), args.group(1))
+
+    @levels(5)
+    def test_dynamic_graph_input_takes_identity_copy(self) -> None:
+        sizes = [96, 160, 33, 64]
+
+        def shapes(it: int) -> list[tuple[int, ...]]:
+            return [(sizes[it % len(sizes)], 64)]
+
+        code = self._run(
+            self._one_shot(), nccl_all_reduce, shapes, calls=20, dynamic=True
+        )
+        self.assertIn("@triton.jit", code)  # patch 2's identity copy
+        self.assertNotRegex(code, r"\bbuf\d+\.copy_\(")
+        for alloc in p2p_allocs(code):
+            self.assertNotIn("alloc_id", alloc)  # allocated per call
+
+    @levels(5)
+    def test_config_off_takes_identity_copy(self) -> None:
+        with torch._inductor.config.patch(
+            {"_collective.stage_graph_inputs_in_symm_mem": False}
+        ):
+            code = self._run(
+                self._one_shot(), nccl_all_reduce, lambda it: [(256, 512)], calls=10
+            )
+        self.assertEqual(code.count("@triton.jit"), 1)
+        self.assertNotRegex(code, r"\bbuf\d+\.copy_\(")
+
+
+if __name__ == "__main__":
+    unittest.main()
