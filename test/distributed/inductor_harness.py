@@ -194,7 +194,7 @@ def lower(
             args.append(torch.empty(shape, dtype=dtype, device="cuda"))
         if functionalize:
             # what torch.compile traces: mutations become functional ops
-            fn = torch.func.functionalize(fn, remove="mutations_and_views")
+            fn = torch.func.functionalize(fn, remove="mutations")
         gm = make_fx(fn)(*args)
     with fake_cuda_device():
         graph = GraphLowering(gm, example_inputs=args, shape_env=shape_env)

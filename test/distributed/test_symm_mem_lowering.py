@@ -295,12 +295,16 @@ class LoweringTest(unittest.TestCase):
             torch.ops.symm_mem.reduce_scatter_out(x, gname, False, out)
             return out + 0
 
-        for dynamic, rows in [(False, [128, 128, 128]), (True, [64, 192, 96])]:
+        # The kernel takes 1-D inputs ("reduce_scatter expected 1D input").
+        for dynamic, sizes in [
+            (False, [32768, 32768, 32768]),
+            (True, [16384, 49152, 24576]),
+        ]:
             torch._dynamo.reset()
             compiled = torch.compile(fn, fullgraph=True)
-            for it, n in enumerate(rows):
-                x = torch.randn(n, 256, device="cuda") * (dist.get_rank() + 1) + it
-                out = torch.empty(n // world, 256, device="cuda")
+            for it, n in enumerate(sizes):
+                x = torch.randn(n, device="cuda") * (dist.get_rank() + 1) + it
+                out = torch.empty(n // world, device="cuda")
                 if dynamic:
                     torch._dynamo.mark_dynamic(x, 0)
                     torch._dynamo.mark_dynamic(out, 0)
