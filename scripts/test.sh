@@ -59,7 +59,8 @@ export PYTHONPATH
 unset SYMM_STACK_LEVEL
 
 SERIES_DIR="$ROOT/patches"
-CPU_TIER=test/distributed/test_symm_mem_lowering_cpu.py
+# The CPU tier: LoweringTest and the CPU tests of every other level.
+CPU_TIER=(test/distributed/test_symm_mem_*_cpu.py)
 PASSED=()
 FAILED=()
 SKIPPED=()
@@ -237,12 +238,12 @@ cxx_check() {
 
 cpu_tier() {
     local level=$1 target
-    [[ -f "$CPU_TIER" ]] || skipped "$CPU_TIER is not written yet"
+    [[ -f "${CPU_TIER[0]}" ]] || skipped "no test/distributed/test_symm_mem_*_cpu.py yet"
     if ((level > 0)); then
         target="$("$PY" "$STACK_PY" overlay --python "$PY" --upto "$level")"
         export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    SYMM_STACK_LEVEL="$level" pytest_run "$CPU_TIER"
+    SYMM_STACK_LEVEL="$level" pytest_run "${CPU_TIER[@]}"
 }
 
 STEP_DIR="$(mktemp -d)"
