@@ -27,29 +27,14 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from cuda_timing import median_step_us
+
 
 SIZES_MB = (1, 64)
-
-
-def _time_us(fn: Callable[[], Any], steps: int, repeats: int) -> float:
-    import torch
-
-    means = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            fn()
-        end.record()
-        end.synchronize()
-        means.append(start.elapsed_time(end) * 1e3 / steps)
-    return statistics.median(means)
 
 
 def run(steps: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
@@ -139,7 +124,7 @@ def run(steps: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
                     step()
                 torch.cuda.synchronize()
                 dist.barrier()
-                row["step_us"] = _time_us(step, steps, repeats)
+                row["step_us"] = median_step_us(step, steps, repeats)
             except Exception as e:  # every rank fails alike: report, go on
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
             rows.append(row)

@@ -22,9 +22,7 @@ import dataclasses
 import functools
 import json
 import os
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parents[1] / "test" / "distributed"))
 
 from code_stats import CodeStats  # noqa: E402
-
-
-def _time_us(fn: Callable[[], Any], steps: int, repeats: int = 7) -> float:
-    """Median over `repeats` of the mean step time of `steps` back-to-back
-    steps, timed with CUDA events."""
-    import torch
-
-    means = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            fn()
-        end.record()
-        end.synchronize()
-        means.append(start.elapsed_time(end) * 1e3 / steps)
-    return statistics.median(means)
+from cuda_timing import median_step_us  # noqa: E402
 
 
 def run(label: str, steps: int, warmup: int) -> dict[str, Any]:
@@ -98,7 +79,7 @@ def run(label: str, steps: int, warmup: int) -> dict[str, Any]:
                 compiled(x, ws)
             torch.cuda.synchronize()
             dist.barrier()
-            row["step_us"] = _time_us(functools.partial(compiled, x, ws), steps)
+            row["step_us"] = median_step_us(functools.partial(compiled, x, ws), steps)
         except Exception as e:  # report, keep going: every rank fails alike
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         result["rows"][name] = row

@@ -16,7 +16,6 @@ tier is test_symm_mem_allocator_cpu.py.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import unittest
@@ -30,51 +29,23 @@ from torch._inductor.utils import run_and_get_code
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import gpu_tier  # noqa: E402
+from gpu_tier import (  # noqa: E402
+    group_name,
+    nccl_all_reduce,
+)
 from stack_level import levels  # noqa: E402
 
 
-WORLD = int(os.environ.get("WORLD_SIZE", "1"))
-HAVE_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2
-REASON = (
-    f"needs torchrun with 2 processes on 2 CUDA GPUs "
-    f"(WORLD_SIZE={WORLD}, GPUs={torch.cuda.device_count()})"
-)
 CALLS = 100
-
-MULTICAST_OFF = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
 
 
 def setUpModule() -> None:
-    if WORLD < 2 or not HAVE_GPUS:
-        raise unittest.SkipTest(REASON)
-    for var, value in MULTICAST_OFF.items():
-        os.environ.setdefault(var, value)
-    rank = int(os.environ["RANK"])
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
-        )
+    gpu_tier.set_up()
 
 
 def tearDownModule() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def group_name() -> str:
-    return dist.group.WORLD.group_name
-
-
-def nccl_all_reduce(t: torch.Tensor) -> torch.Tensor:
-    out = t.clone()
-    dist.all_reduce(out)
-    return out
+    gpu_tier.tear_down()
 
 
 def p2p_allocs(code: str) -> list[str]:

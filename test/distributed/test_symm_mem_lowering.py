@@ -12,7 +12,6 @@ Each test declares the series levels it holds for (stack_level.py).
 
 from __future__ import annotations
 
-import os
 import sys
 import unittest
 from collections.abc import Callable
@@ -25,74 +24,24 @@ from torch._inductor.utils import run_and_get_code
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import gpu_tier  # noqa: E402
 from code_stats import CodeStats  # noqa: E402
+from gpu_tier import (  # noqa: E402
+    eight_layers,
+    eight_layers_reference,
+    group_name,
+    nccl_all_reduce,
+    rel_err,
+)
 from stack_level import holds, levels  # noqa: E402
 
 
-WORLD = int(os.environ.get("WORLD_SIZE", "1"))
-HAVE_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2
-REASON = (
-    f"needs torchrun with 2 processes on 2 CUDA GPUs "
-    f"(WORLD_SIZE={WORLD}, GPUs={torch.cuda.device_count()})"
-)
-
-
-MULTICAST_OFF = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
-
-
 def setUpModule() -> None:
-    if WORLD < 2 or not HAVE_GPUS:
-        raise unittest.SkipTest(REASON)
-    # Multicast must stay off on shared machines; the multimem ops are
-    # covered by the CPU tier only.
-    for var, value in MULTICAST_OFF.items():
-        os.environ.setdefault(var, value)
-    rank = int(os.environ["RANK"])
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
-        )
+    gpu_tier.set_up()
 
 
 def tearDownModule() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def group_name() -> str:
-    return dist.group.WORLD.group_name
-
-
-def nccl_all_reduce(t: torch.Tensor) -> torch.Tensor:
-    out = t.clone()
-    dist.all_reduce(out)
-    return out
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def eight_layers(gname: str) -> Callable[..., torch.Tensor]:
-    def model(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
-        for w in ws:
-            x = torch.ops.symm_mem.one_shot_all_reduce(x @ w, "sum", gname)
-        return x
-
-    return model
-
-
-def eight_layers_reference(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
-    for w in ws:
-        x = nccl_all_reduce(x @ w)
-    return x
+    gpu_tier.tear_down()
 
 
 class LoweringTest(unittest.TestCase):

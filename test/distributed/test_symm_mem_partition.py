@@ -36,58 +36,32 @@ from torch._inductor.utils import run_and_get_code
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import gpu_tier  # noqa: E402
 import partition_ops  # noqa: E402
+from gpu_tier import (  # noqa: E402
+    DISTRIBUTED,
+    HAVE_GPU,
+    REASON,
+    nccl_all_reduce,
+)
 from stack_level import levels  # noqa: E402
 
 
-WORLD = int(os.environ.get("WORLD_SIZE", "1"))
-HAVE_GPU = torch.cuda.is_available()
-HAVE_GPUS = HAVE_GPU and torch.cuda.device_count() >= 2
-DISTRIBUTED = WORLD >= 2 and HAVE_GPUS
-REASON = (
-    f"needs torchrun with 2 processes on 2 CUDA GPUs "
-    f"(WORLD_SIZE={WORLD}, GPUs={torch.cuda.device_count() if HAVE_GPU else 0})"
-)
 REPLAYS = 100
 D = 256
 
-MULTICAST_OFF = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
-
 
 def setUpModule() -> None:
-    if not HAVE_GPU:
-        raise unittest.SkipTest("needs a CUDA GPU")
-    for var, value in MULTICAST_OFF.items():
-        os.environ.setdefault(var, value)
-    if not DISTRIBUTED:
-        return
-    rank = int(os.environ["RANK"])
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
-        )
+    gpu_tier.set_up(need_distributed=False)
 
 
 def tearDownModule() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    gpu_tier.tear_down()
 
 
 def copied_inputs() -> int:
     """Inputs CUDA graph trees copy into static buffers, over all recordings."""
     return counters["inductor"]["cudagraph_recorded_non_static_inputs"]
-
-
-def nccl_all_reduce(t: torch.Tensor) -> torch.Tensor:
-    out = t.clone()
-    dist.all_reduce(out)
-    return out
 
 
 def one_shot(t: torch.Tensor) -> torch.Tensor:
