@@ -9,10 +9,15 @@ A test module uses it as
 
     def tearDownModule() -> None:
         gpu_tier.tear_down()
+
+The process group is created once per process and destroyed when the process
+exits, so one pytest run can take several modules: tearing it down and creating
+it again between modules hung NCCL's start-up on the 2-GPU machine.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import unittest
 from collections.abc import Callable
@@ -59,11 +64,17 @@ def set_up(need_distributed: bool = True) -> None:
         dist.init_process_group(
             "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
         )
+        atexit.register(_destroy)
 
 
 def tear_down() -> None:
+    "End a module: every rank finishes its tests before the next module starts"
     if dist.is_initialized():
         dist.barrier()
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
