@@ -8,9 +8,12 @@
 Each run measures, for the torch it runs on (stock, or an overlay level):
 the buffer plan of the generated code (distinct buffer names, reuses, out=
 calls, allocations) and the median step time of
-  - symm: x = symm_mem.one_shot_all_reduce(x @ w_i), default mode,
-  - nccl: x = funcol.all_reduce(x @ w_i), default mode.
-A configuration that fails is reported as failed, not dropped.  Timings are
+  - symm: x = symm_mem.one_shot_all_reduce(x @ w_i),
+  - nccl: x = funcol.all_reduce(x @ w_i),
+each in the default mode and under mode="reduce-overhead" (CUDA graph trees;
+every step starts with torch.compiler.cudagraph_mark_step_begin()).  The table
+adds, per run, symm reduce-overhead over nccl reduce-overhead and over symm
+default.  A configuration that fails is reported as failed, not dropped.  Timings are
 CUDA-event medians over a fixed number of steps on every rank; compare only
 rows from one invocation on one card.
 """
@@ -19,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,17 @@ from code_stats import CodeStats  # noqa: E402
 from cuda_timing import median_step_us  # noqa: E402
 
 
-def run(label: str, steps: int, warmup: int) -> dict[str, Any]:
+CONFIGS = (
+    ("symm default", "symm", "default"),
+    ("nccl default", "nccl", "default"),
+    ("symm reduce-overhead", "symm", "reduce-overhead"),
+    ("nccl reduce-overhead", "nccl", "reduce-overhead"),
+)
+
+
+def run(
+    label: str, steps: int, warmup: int, json_path: str | None = None
+) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol
@@ -51,6 +64,8 @@ def run(label: str, steps: int, warmup: int) -> dict[str, Any]:
         torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, generator=gen) / 96
         for _ in range(8)
     ]
+    for w in ws:  # weights, like parameters: CUDA graphs must not copy them
+        torch._dynamo.mark_static_address(w)
 
     def symm(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
         for w in ws:
@@ -68,21 +83,34 @@ def run(label: str, steps: int, warmup: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "rows": {},
     }
-    for name, fn in (("symm default", symm), ("nccl default", nccl)):
+    for name, fn, mode in CONFIGS:
         torch._dynamo.reset()
         row: dict[str, Any] = {}
         try:
-            compiled = torch.compile(fn, fullgraph=True)
-            _, (code, *_) = run_and_get_code(compiled, x, ws)
+            compiled = torch.compile(
+                symm if fn == "symm" else nccl, mode=mode, fullgraph=True
+            )
+
+            def step(compiled: Callable[..., Any] = compiled, mode: str = mode) -> Any:
+                if mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                return compiled(x, ws)
+
+            _, (code, *_) = run_and_get_code(step)
             row.update(dataclasses.asdict(CodeStats.of(code)))
             for _ in range(warmup):
-                compiled(x, ws)
+                step()
             torch.cuda.synchronize()
             dist.barrier()
-            row["step_us"] = median_step_us(functools.partial(compiled, x, ws), steps)
+            row["step_us"] = median_step_us(step, steps)
         except Exception as e:  # report, keep going: every rank fails alike
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         result["rows"][name] = row
+        if rank == 0:
+            print(f"{name}: {row}", file=sys.stderr, flush=True)
+            if json_path:  # partial results survive a run cut short
+                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(json_path).write_text(json.dumps(result, indent=1))
         dist.barrier()
     dist.destroy_process_group()
     return result
@@ -99,12 +127,12 @@ def table(paths: list[str]) -> None:
         "step_us",
     ]
     print(f"device: {runs[0]['device']}  torch: {runs[0]['torch']}")
-    print(f"{'run':<10} {'config':<14} " + " ".join(f"{c:>12}" for c in cols))
+    print(f"{'run':<10} {'config':<22} " + " ".join(f"{c:>12}" for c in cols))
     base = runs[0]["rows"].get("symm default", {}).get("step_us")
     for run_ in runs:
         for name, row in run_["rows"].items():
             if "error" in row:
-                print(f"{run_['label']:<10} {name:<14} FAILED: {row['error']}")
+                print(f"{run_['label']:<10} {name:<22} FAILED: {row['error']}")
                 continue
             cells = []
             for c in cols:
@@ -113,7 +141,15 @@ def table(paths: list[str]) -> None:
             ratio = ""
             if base and name == "symm default":
                 ratio = f"  ({row['step_us'] / base:.2f}x of {runs[0]['label']})"
-            print(f"{run_['label']:<10} {name:<14} " + " ".join(cells) + ratio)
+            print(f"{run_['label']:<10} {name:<22} " + " ".join(cells) + ratio)
+        us = {name: row.get("step_us") for name, row in run_["rows"].items()}
+        cg = us.get("symm reduce-overhead")
+        if cg and us.get("nccl reduce-overhead") and us.get("symm default"):
+            print(
+                f"{run_['label']:<10} symm reduce-overhead = "
+                f"{cg / us['nccl reduce-overhead']:.2f}x nccl reduce-overhead, "
+                f"{cg / us['symm default']:.2f}x symm default"
+            )
 
 
 def main() -> int:
@@ -127,7 +163,7 @@ def main() -> int:
     if args.table:
         table(args.table)
         return 0
-    result = run(args.label, args.steps, args.warmup)
+    result = run(args.label, args.steps, args.warmup, args.json)
     if int(os.environ.get("RANK", "0")) == 0:
         text = json.dumps(result, indent=1)
         if args.json:
