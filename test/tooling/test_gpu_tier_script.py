@@ -1,0 +1,100 @@
+"""scripts/gpu_tier.sh: arguments, the refusal without GPUs, and its level loop.
+
+The loop runs against a stand-in interpreter: the real one for everything
+(stack.py, check-torch, the overlays), except that it reports 2 CUDA GPUs
+and answers `-m torch.distributed.run ...` with a pytest summary line and the
+exit status FAKE_RC_L<level>, recording the level and PYTHONPATH it saw.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from tooling_helpers import REPO, clean_env, run
+
+
+GPU_TIER = REPO / "scripts" / "gpu_tier.sh"
+
+FAKE = """#!/usr/bin/env bash
+if [[ "${1:-}" == -c && "$2" == *device_count* ]]; then echo 2; exit 0; fi
+if [[ "${1:-}" == -m && "$2" == torch.distributed.run ]]; then
+    echo "level=$SYMM_STACK_LEVEL path=${PYTHONPATH%%:*} args=$*" >> "$FAKE_RECORD"
+    echo "==== 3 passed, 1 skipped in 1.00s ===="
+    rc_var="FAKE_RC_L$SYMM_STACK_LEVEL"
+    exit "${!rc_var:-0}"
+fi
+exec REAL "$@"
+"""
+
+
+@pytest.fixture
+def fake_python(tmp_path: Path) -> Path:
+    fake = tmp_path / "python"
+    fake.write_text(FAKE.replace("REAL", sys.executable))
+    fake.chmod(0o755)
+    return fake
+
+
+def gpu_tier(*args: str | Path, **env: str) -> tuple[int, str]:
+    "Exit status, and stderr then stdout (whose last line is the count)"
+    proc = run(["bash", GPU_TIER, *args], env=clean_env(**env))
+    return proc.returncode, proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--levels", "9"], "level '9' is not in 0..5"),
+        (["--levels", "x"], "level 'x' is not in 0..5"),
+        (["--timeout", "0"], "--timeout is '0'; needs seconds"),
+        (["--python"], "--python needs a value"),
+        (["--bogus"], "unknown argument '--bogus'"),
+    ],
+)
+def test_bad_arguments_are_refused(args: list[str], message: str) -> None:
+    rc, out = gpu_tier(*args)
+    assert rc == 2, out
+    assert message in out
+
+
+def test_refuses_without_two_gpus() -> None:
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has 2 GPUs")
+    rc, out = gpu_tier("--python", sys.executable, "--levels", "0")
+    assert rc == 3, out
+    assert "the GPU tier needs 2 CUDA GPUs" in out
+
+
+def test_levels_run_on_their_overlays(fake_python: Path, tmp_path: Path) -> None:
+    record = tmp_path / "record"
+    logs = tmp_path / "logs"
+    rc, out = gpu_tier(
+        "--python", fake_python, "--levels", "0 2", "--logs", logs, "--", "-x",
+        FAKE_RECORD=str(record),
+    )  # fmt: skip
+    assert rc == 0, out
+    assert out.rstrip().endswith("2 passed, 0 failed"), out
+    assert "L0: ==== 3 passed, 1 skipped in 1.00s ====" in out
+    lines = record.read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["level=0", "level=2"]
+    assert "OVERLAY" not in lines[0] and "/2 " not in lines[0]
+    overlay = Path(lines[1].split()[1].removeprefix("path="))
+    assert overlay.name == "2" and (overlay / "OVERLAY.json").is_file()
+    for line in lines:
+        assert "--nproc-per-node 2 -m pytest" in line
+        assert "test_symm_mem_allocator.py -x" in line
+    assert (logs / "L0.log").is_file() and (logs / "L2.log").is_file()
+
+
+def test_a_failing_level_fails_the_run(fake_python: Path, tmp_path: Path) -> None:
+    rc, out = gpu_tier(
+        "--python", fake_python, "--levels", "0 1", "--logs", tmp_path / "logs",
+        FAKE_RECORD=str(tmp_path / "record"), FAKE_RC_L1="1",
+    )  # fmt: skip
+    assert rc == 1, out
+    assert "level 1 failed (exit 1)" in out
+    assert out.rstrip().endswith("1 passed, 1 failed"), out
