@@ -44,9 +44,7 @@ CONFIGS = (
 )
 
 
-def run(
-    label: str, steps: int, warmup: int, json_path: str | None = None
-) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol
@@ -78,12 +76,14 @@ def run(
         return x
 
     result: dict[str, Any] = {
-        "label": label,
+        "label": args.label,
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "rows": {},
     }
     for name, fn, mode in CONFIGS:
+        if args.configs and name not in args.configs:
+            continue
         torch._dynamo.reset()
         row: dict[str, Any] = {}
         try:
@@ -98,22 +98,38 @@ def run(
 
             _, (code, *_) = run_and_get_code(step)
             row.update(dataclasses.asdict(CodeStats.of(code)))
-            for _ in range(warmup):
+            for _ in range(args.warmup):
                 step()
             torch.cuda.synchronize()
             dist.barrier()
-            row["step_us"] = median_step_us(step, steps)
+            row["step_us"] = median_step_us(step, args.steps)
+            if args.profile:
+                profile_steps(name, step, rank)
         except Exception as e:  # report, keep going: every rank fails alike
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         result["rows"][name] = row
         if rank == 0:
             print(f"{name}: {row}", file=sys.stderr, flush=True)
-            if json_path:  # partial results survive a run cut short
-                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-                Path(json_path).write_text(json.dumps(result, indent=1))
+            if args.json:  # partial results survive a run cut short
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(result, indent=1))
         dist.barrier()
     dist.destroy_process_group()
     return result
+
+
+def profile_steps(name: str, step: Callable[[], Any], rank: int) -> None:
+    """Every rank profiles 10 steps; rank 0 prints where the time went."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    if rank == 0:
+        table = prof.key_averages().table(sort_by="device_time_total", row_limit=15)
+        print(f"--- profile of {name}, 10 steps\n{table}", file=sys.stderr, flush=True)
 
 
 def table(paths: list[str]) -> None:
@@ -158,12 +174,23 @@ def main() -> int:
     ap.add_argument("--json", help="write this rank-0 result as JSON")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        choices=[name for name, _, _ in CONFIGS],
+        help="run only these configurations (default: all)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing each configuration, profile 10 steps (table on stderr)",
+    )
     ap.add_argument("--table", nargs="+", metavar="JSON", help="print a table and exit")
     args = ap.parse_args()
     if args.table:
         table(args.table)
         return 0
-    result = run(args.label, args.steps, args.warmup, args.json)
+    result = run(args)
     if int(os.environ.get("RANK", "0")) == 0:
         text = json.dumps(result, indent=1)
         if args.json:

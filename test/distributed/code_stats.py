@@ -1,5 +1,6 @@
-"""Counts over an Inductor wrapper's ``call`` function: how many buffer names,
-buffer reuses, ``out=`` calls and allocations (P2P and plain) it has.
+"""Counts over an Inductor wrapper's ``call`` function and, with graph
+partitions (CUDA graphs), its ``partition_N`` functions: how many buffer names,
+buffer reuses, ``out=`` calls and allocations (P2P and plain) they have.
 
 Shared by both tiers of LoweringTest and by benchmarks/bench_symm_mem.py; it
 reads generated code only, so importing it costs nothing.
@@ -21,7 +22,10 @@ class CodeStats:
 
     @classmethod
     def of(cls, code: str) -> CodeStats:
-        body = code[code.index("def call(self, args):") :]
+        # The partition functions precede `call` and hold the kernels; only
+        # kernel sources (no buffer names) come before the first of them.
+        first = code.find("def partition_0(args):")
+        body = code[first if first >= 0 else code.index("def call(self, args):") :]
         return cls(
             buffer_names=len(set(re.findall(r"\bbuf\d+\b", body))),
             reuses=len(re.findall(r"# reuse\b", body)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import unittest
@@ -155,6 +156,22 @@ class OutVariantLoweringTest(unittest.TestCase):
         self.assertGreaterEqual(stats.reuses, 14, stats)
         self.assertLessEqual(stats.buffer_names, 16, stats)
         self.assertEqual(stats.out_calls, 16, stats)
+
+    @levels(1)
+    def test_eight_layer_buffer_plan_in_a_cuda_graph_partition(self) -> None:
+        # Under CUDA graphs with graph partitions the kernels move into
+        # partition_0; the plan (and CodeStats, which reads the partitions
+        # too) stays the same.
+        flags = {"triton.cudagraphs": True, "graph_partition": True}
+        with torch._inductor.config.patch(flags):
+            lowered = lower(eight_layer_model, EIGHT_LAYER_INPUTS)
+        assert lowered.code is not None
+        self.assertEqual(
+            re.findall(r"^def (partition_\d+)\(", lowered.code, re.M), ["partition_0"]
+        )
+        stats = CodeStats.of(lowered.code)
+        self.assertEqual((stats.out_calls, stats.p2p_allocs), (16, 1), stats)
+        self.assertEqual(stats.p2p_allocs + stats.plain_allocs, 2, stats)
 
     @levels(0, 0)
     def test_pin_eight_layer_buffer_plan(self) -> None:
