@@ -31,7 +31,7 @@ from gpu_tier import (  # noqa: E402
     nccl_all_reduce,
     rel_err,
 )
-from stack_level import levels  # noqa: E402
+from stack_level import holds, levels  # noqa: E402
 
 
 REPLAYS = 100
@@ -152,7 +152,13 @@ class CudagraphTreeTest(unittest.TestCase):
         (node,) = nodes
         self.assertIn(0, node.static_input_idxs)
         self.assertNotIn(0, node.non_static_input_idx)
-        self.assertEqual(node.static_input_data_ptrs[0], p_ptr)
+        if holds(3, 4):
+            # The partition reads p itself (patch 2's copy runs inside it).
+            self.assertEqual(node.static_input_data_ptrs[0], p_ptr)
+        else:
+            # Patch 5 fills a persistent staging buffer from p with copy_
+            # outside the partition, which gets that buffer instead of p.
+            self.assertNotEqual(node.static_input_data_ptrs[0], p_ptr)
         # Only y was copied into the pool.
         self.assertEqual(
             counters["inductor"]["cudagraph_recorded_non_static_inputs"], 1
@@ -160,9 +166,12 @@ class CudagraphTreeTest(unittest.TestCase):
 
     @levels(0, 2)
     def test_pin_warmup_rendezvous_left_in_pool(self) -> None:
+        # On the stock pin (level 0), a compile earlier in the same process can
+        # make this fail first on the alloc-id collision that patch 1 fixes.
+        expected = "not tracked as outputs" + ("|same alloc_id" if not holds(1) else "")
         with (
             torch._inductor.config.patch({"triton.slow_path_cudagraph_asserts": True}),
-            self.assertRaisesRegex(RuntimeError, "not tracked as outputs"),
+            self.assertRaisesRegex(RuntimeError, expected),
         ):
             self._eight_layers()
 
