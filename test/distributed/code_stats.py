@@ -1,9 +1,10 @@
 """Counts over an Inductor wrapper's ``call`` function and, with graph
 partitions (CUDA graphs), its ``partition_N`` functions: how many buffer names,
-buffer reuses, ``out=`` calls and allocations (P2P and plain) they have.
+buffer reuses, ``out=`` calls and allocations (P2P and plain) they have; and
+``check_counts``, the FileCheck form of "pattern occurs exactly n times".
 
-Shared by both tiers of LoweringTest and by benchmarks/bench_symm_mem.py; it
-reads generated code only, so importing it costs nothing.
+Shared by both tiers and by benchmarks/bench_symm_mem.py; it reads generated
+code only, and imports torch only when ``check_counts`` runs.
 """
 
 from __future__ import annotations
@@ -33,3 +34,21 @@ class CodeStats:
             p2p_allocs=len(re.findall(r"= empty_strided_p2p\(", body)),
             plain_allocs=len(re.findall(r"= empty_strided_cuda\(", body)),
         )
+
+
+# What the checks count in generated wrapper code.
+TRITON_KERNEL = "@triton.jit"  # one per generated Triton kernel (identity copies too)
+P2P_ALLOC = "= empty_strided_p2p("  # one per P2P allocation
+
+
+def check_counts(code: str, counts: dict[str, int]) -> None:
+    """FileCheck that each pattern occurs exactly ``n`` times in ``code``
+    (``n == 0``: not at all).  Each pattern is checked over the whole code,
+    independently of the others."""
+    from torch.testing import FileCheck
+
+    for pattern, n in counts.items():
+        if n == 0:
+            FileCheck().check_not(pattern).run(code)
+        else:
+            FileCheck().check_count(pattern, n, exactly=True).run(code)

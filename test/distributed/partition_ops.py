@@ -79,3 +79,24 @@ def _lower_unsafe_scale(x: ir.TensorBox) -> ir.TensorBox:
     return ir.TensorBox.create(
         ir.ExternKernelOut(layout=layout, inputs=[x], op_overload=unsafe_scale_out)
     )
+
+
+def check_hoisted(code: str, buf: str, index: int) -> None:
+    """FileCheck the generated code: ``partition_{index}`` allocates ``buf``
+    and returns it; ``call`` never allocates it, receives it from that
+    partition, and only then runs the region that writes it (``out=buf``)."""
+    from torch.testing import FileCheck
+
+    alloc = f"{buf} = empty_strided_"
+    call = "def call(self, args):"
+    FileCheck().check(f"def partition_{index}(args):").check(alloc).check_not(
+        "def "  # still inside partition_{index}
+    ).check_regex(rf"return \(.*\b{buf}\b").run(code)
+    # (check_not after check_regex would search from the wrong place: keep the
+    # regex in a chain of its own)
+    FileCheck().check(call).check_not(alloc).check(
+        f"= self.partitions[{index}]("
+    ).check_not(alloc).check(f"out={buf})").run(code)
+    FileCheck().check(call).check_regex(
+        rf"\(.*\b{buf}\b.*\) = self\.partitions\[{index}\]"
+    ).run(code)

@@ -137,6 +137,8 @@ def unsafe_out(call: str) -> str:
 
 
 class PartitionCase(unittest.TestCase):
+    code = ""  # the generated code of the last run_replays
+
     def setUp(self) -> None:
         torch._dynamo.reset()
         counters.clear()
@@ -180,12 +182,14 @@ class PartitionCase(unittest.TestCase):
                 torch.testing.assert_close(
                     out, reference(x), rtol=1e-4, atol=1e-4, msg=f"call {it}"
                 )
+        self.code = code
         return functions(code)
 
     def assert_hoisted(self, fns: dict[str, str]) -> str:
         """The unsafe op's output is allocated and returned by partition 0."""
         self.assertEqual(sorted(fns), ["call", "partition_0", "partition_1"])
         buf = unsafe_out(fns["call"])
+        partition_ops.check_hoisted(self.code, buf, 0)
         self.assertTrue(allocates(fns["partition_0"], buf), fns["partition_0"])
         self.assertRegex(fns["partition_0"], rf"return \(.*\b{buf}\b.*\)")
         self.assertFalse(allocates(fns["call"], buf), fns["call"])

@@ -146,7 +146,10 @@ class HoistRegionOutputTest(unittest.TestCase):
     """[4/5] outputs of a non-CUDA-graph region are allocated by the
     preceding partition, which returns them."""
 
-    def assert_hoisted(self, fns: dict[str, str], buf: str, into: str) -> None:
+    def assert_hoisted(
+        self, code: str, fns: dict[str, str], buf: str, into: str
+    ) -> None:
+        partition_ops.check_hoisted(code, buf, int(into.split("_")[1]))
         call = fns["call"]
         self.assertTrue(allocates(fns[into], buf), fns[into])
         self.assertIn(buf, returned(fns[into]))
@@ -160,20 +163,20 @@ class HoistRegionOutputTest(unittest.TestCase):
 
     @levels(4)
     def test_region_output_allocated_in_prior_partition(self) -> None:
-        _, fns = generate(mm_unsafe_relu_mm, MM_INPUTS)
+        code, fns = generate(mm_unsafe_relu_mm, MM_INPUTS)
         self.assertEqual(sorted(fns), ["call", "partition_0", "partition_1"])
         (buf,) = unsafe_outs(fns["call"])
-        self.assert_hoisted(fns, buf, "partition_0")
+        self.assert_hoisted(code, fns, buf, "partition_0")
         self.assertEqual(partition_args(fns["partition_1"])[0], buf)
         # nothing else moved: partition 0 still computes the mm
         self.assertIn("extern_kernels.mm(", fns["partition_0"])
 
     @levels(4)
     def test_p2p_region_output_allocated_in_prior_partition(self) -> None:
-        _, fns = generate(mm_unsafe_one_shot_mm, MM_INPUTS)
+        code, fns = generate(mm_unsafe_one_shot_mm, MM_INPUTS)
         self.assertEqual(sorted(fns), ["call", "partition_0", "partition_1"])
         (buf,) = unsafe_outs(fns["call"])
-        self.assert_hoisted(fns, buf, "partition_0")
+        self.assert_hoisted(code, fns, buf, "partition_0")
         self.assertRegex(
             fns["partition_0"],
             rf"{buf} = empty_strided_p2p\(.*alloc_id=\d+\)",
@@ -184,28 +187,28 @@ class HoistRegionOutputTest(unittest.TestCase):
 
     @levels(4)
     def test_region_after_all_reduce(self) -> None:
-        _, fns = generate(mm_one_shot_unsafe_mm, MM_INPUTS)
+        code, fns = generate(mm_one_shot_unsafe_mm, MM_INPUTS)
         self.assertEqual(sorted(fns), ["call", "partition_0", "partition_1"])
         (buf,) = unsafe_outs(fns["call"])
-        self.assert_hoisted(fns, buf, "partition_0")
+        self.assert_hoisted(code, fns, buf, "partition_0")
         self.assertIn("one_shot_all_reduce_out", fns["partition_0"])
 
     @levels(4)
     def test_each_region_uses_its_own_prior_partition(self) -> None:
-        _, fns = generate(two_regions, MM_INPUTS)
+        code, fns = generate(two_regions, MM_INPUTS)
         self.assertEqual(
             sorted(fns), ["call", "partition_0", "partition_1", "partition_2"]
         )
         first, second = unsafe_outs(fns["call"])
-        self.assert_hoisted(fns, first, "partition_0")
-        self.assert_hoisted(fns, second, "partition_1")
+        self.assert_hoisted(code, fns, first, "partition_0")
+        self.assert_hoisted(code, fns, second, "partition_1")
         self.assertFalse(allocates(fns["partition_0"], second))
 
     @levels(4)
     def test_backed_symbolic_size_is_hoisted(self) -> None:
-        _, fns = generate(mm_unsafe_relu_mm, MM_INPUTS, dynamic=True)
+        code, fns = generate(mm_unsafe_relu_mm, MM_INPUTS, dynamic=True)
         (buf,) = unsafe_outs(fns["call"])
-        self.assert_hoisted(fns, buf, "partition_0")
+        self.assert_hoisted(code, fns, buf, "partition_0")
         (alloc,) = re.findall(
             rf"{buf} = empty_strided_cuda\(\((.*?)\)", fns["partition_0"]
         )
@@ -218,7 +221,7 @@ class HoistRegionOutputTest(unittest.TestCase):
     def test_symbolic_size_p2p_buffer_stays_in_region(self) -> None:
         # A symbolic-size P2P buffer is allocated per call (patch 2/5), which
         # must not be recorded into a CUDA graph.
-        _, fns = generate(mm_unsafe_one_shot_mm, MM_INPUTS, dynamic=True)
+        code, fns = generate(mm_unsafe_one_shot_mm, MM_INPUTS, dynamic=True)
         (buf,) = unsafe_outs(fns["call"])
         self.assertTrue(allocates(fns["call"], buf), fns["call"])
         self.assertNotIn("empty_strided_p2p", fns["partition_0"])
@@ -241,21 +244,21 @@ class PinRegionAllocatesTest(unittest.TestCase):
     def test_pin_region_allocates_its_output(self) -> None:
         for fn in (mm_unsafe_relu_mm, mm_one_shot_unsafe_mm):
             with self.subTest(fn=fn.__name__):
-                _, fns = generate(fn, MM_INPUTS)
+                code, fns = generate(fn, MM_INPUTS)
                 self.assertEqual(sorted(fns), ["call", "partition_0", "partition_1"])
                 (buf,) = unsafe_outs(fns["call"])
                 self.assert_in_region(fns, buf)
 
     @levels(2, 3)
     def test_pin_region_allocates_its_p2p_output(self) -> None:
-        _, fns = generate(mm_unsafe_one_shot_mm, MM_INPUTS)
+        code, fns = generate(mm_unsafe_one_shot_mm, MM_INPUTS)
         (buf,) = unsafe_outs(fns["call"])
         self.assert_in_region(fns, buf)
         self.assertRegex(fns["call"], rf"{buf} = empty_strided_p2p\(")
 
     @levels(0, 3)
     def test_pin_two_regions(self) -> None:
-        _, fns = generate(two_regions, MM_INPUTS)
+        code, fns = generate(two_regions, MM_INPUTS)
         for buf in unsafe_outs(fns["call"]):
             self.assertTrue(allocates(fns["call"], buf), fns["call"])
 
@@ -265,7 +268,7 @@ class UnchangedTest(unittest.TestCase):
 
     @levels(0)
     def test_region_without_prior_partition(self) -> None:
-        _, fns = generate(region_first, MM_INPUTS[:2])
+        code, fns = generate(region_first, MM_INPUTS[:2])
         self.assertEqual(sorted(fns), ["call", "partition_0"])
         (buf,) = unsafe_outs(fns["call"])
         self.assertTrue(allocates(fns["call"], buf), fns["call"])
@@ -274,14 +277,14 @@ class UnchangedTest(unittest.TestCase):
     @levels(0)
     def test_graph_output_is_not_hoisted(self) -> None:
         # A returned tensor stays the caller's own allocation.
-        _, fns = generate(region_output_returned, MM_INPUTS)
+        code, fns = generate(region_output_returned, MM_INPUTS)
         (buf,) = unsafe_outs(fns["call"])
         self.assertTrue(allocates(fns["call"], buf), fns["call"])
         self.assertFalse(allocates(fns["partition_0"], buf))
 
     @levels(0)
     def test_size_computed_in_region_is_not_hoisted(self) -> None:
-        _, fns = generate(data_dependent_size, MM_INPUTS[:2])
+        code, fns = generate(data_dependent_size, MM_INPUTS[:2])
         call = fns["call"]
         (buf,) = unsafe_outs(call)
         m = re.search(r"\b(u\d+) = .*\.item\(\)", call)
