@@ -35,6 +35,7 @@ from stack_level import holds, levels  # noqa: E402
 
 
 REPLAYS = 100
+Fn = Callable[..., torch.Tensor]
 
 
 def setUpModule() -> None:
@@ -126,6 +127,54 @@ class CudagraphTreeTest(unittest.TestCase):
                 torch.testing.assert_close(out, nccl_all_reduce(x))
 
     @levels(3)
+    def test_graph_input_models_reduce_overhead(self) -> None:
+        # patch 2's models whose symm_mem input Inductor does not allocate
+        gname = group_name()
+        one_shot = torch.ops.symm_mem.one_shot_all_reduce
+        models: dict[str, tuple[Fn, Fn]] = {
+            "one_shot_copy": (
+                lambda x, y: torch.ops.symm_mem.one_shot_all_reduce_copy(
+                    x, y, "sum", gname
+                ),
+                lambda x, y: nccl_all_reduce(y),
+            ),
+            "custom_op_output": (
+                lambda x, y: (
+                    one_shot(torch.ops.symm_stack_cg.scale(x), "sum", gname) + y
+                ),
+                lambda x, y: nccl_all_reduce(x * 3) + y,
+            ),
+            "pointwise_producer": (
+                lambda x, y: one_shot(x + y, "sum", gname),
+                lambda x, y: nccl_all_reduce(x + y),
+            ),
+        }
+        for seed, (name, (fn, ref)) in enumerate(models.items()):
+            with self.subTest(model=name):
+                torch._dynamo.reset()
+                cudagraph_trees.reset_cudagraph_trees()
+                counters.clear()
+                compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+                gen = self._gen(10 + seed)
+                x = torch.randn(128, 256, device="cuda", generator=gen)
+                y = torch.randn(128, 256, device="cuda", generator=gen)
+                flags = {"triton.slow_path_cudagraph_asserts": True}
+                with torch._inductor.config.patch(flags):
+                    for it in range(REPLAYS):
+                        new = torch.randn(x.shape, device="cuda", generator=gen) + it
+                        if it % 2:
+                            x = new
+                        else:
+                            x.copy_(new)
+                        y = torch.randn(y.shape, device="cuda", generator=gen)
+                        torch.compiler.cudagraph_mark_step_begin()
+                        out = compiled(x, y).clone()
+                        torch.testing.assert_close(out, ref(x, y), msg=f"call {it}")
+                # it ran as a CUDA graph, not eagerly after a skip
+                self.assertEqual(counters["inductor"]["cudagraph_skips"], 0)
+                self.assertGreaterEqual(len(tree_nodes()), 1)
+
+    @levels(3)
     def test_p2p_input_is_static_and_not_copied(self) -> None:
         gname = group_name()
 
@@ -174,6 +223,17 @@ class CudagraphTreeTest(unittest.TestCase):
             self.assertRaisesRegex(RuntimeError, expected),
         ):
             self._eight_layers()
+
+
+@torch.library.custom_op("symm_stack_cg::scale", mutates_args=())
+def _scale(x: torch.Tensor) -> torch.Tensor:
+    """No out variant: Inductor does not control its output allocation."""
+    return x * 3
+
+
+@_scale.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 if __name__ == "__main__":
