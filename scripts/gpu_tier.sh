@@ -9,8 +9,9 @@ ROOT="$STACK_ROOT"
 
 usage() {
     cat <<'EOF'
-Usage: scripts/gpu_tier.sh [--python PY] [--levels "L ..."] [--timeout S]
-                           [--logs DIR] [--series-dir DIR] [-- PYTEST_ARGS...]
+Usage: scripts/gpu_tier.sh [--python PY] [--levels "L ..."] [--installed]
+                           [--timeout S] [--logs DIR] [--series-dir DIR]
+                           [-- PYTEST_ARGS...]
 
 For each level L (default: 0 1 .. N, N = patches in the series), runs
   torchrun --standalone --nproc-per-node 2 -m pytest -v -rs \
@@ -19,13 +20,22 @@ on `PY` (default python3, used as it is: nothing is installed) with the
 overlay of patches 1..L (`stack.py overlay`, under build/overlay) on
 PYTHONPATH and SYMM_STACK_LEVEL=L, under `timeout S` (default 300) per level,
 with NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-NVSHMEM_DISABLE_NVLS=1.  Each level's full log goes to DIR/L<L>.log (default
-build/gpu-tier); the pytest summary line of each rank is printed.  The last
-line is "P passed, F failed", counting levels; the exit status is 1 if any
-level failed or timed out, 3 with fewer than 2 CUDA GPUs.
+NVSHMEM_DISABLE_NVLS=1.  Then, once, the one-GPU runtime check of patch 5's
+C++ change, `pytest test/distributed/cxx/test_peer_alloc_info.py` (its
+fix-specific checks are expected failures on a torch without the fix).
 
-PY needs torch 2.11.0 (checked) and unidiff importable (stack.py uses it);
-pytest and expecttest for the tests.
+--installed tests the torch installed for PY as it is (a wheel built by
+source mode): no overlay and no pin check, one level (default N, the level the
+build is taken to hold).
+
+Each run's full log goes to DIR/<run>.log (default build/gpu-tier: L<L>.log,
+cxx.log); the pytest summary lines are printed.  The last line is
+"P passed, F failed", counting runs; the exit status is 1 if any run failed or
+timed out, 3 with fewer than 2 CUDA GPUs.
+
+PY needs torch 2.11.0 (checked unless --installed), unidiff importable
+(stack.py uses it for overlays), pytest and expecttest; nvcc for the C++ check
+(without it, that check skips).
 EOF
 }
 
@@ -35,8 +45,10 @@ TIMEOUT=300
 LOGS="$ROOT/build/gpu-tier"
 SERIES_DIR="$ROOT/patches"
 PYTEST_EXTRA=()
+INSTALLED=0
 while (($#)); do
     case "$1" in
+        --installed) INSTALLED=1; shift ;;
         --python | --levels | --timeout | --logs | --series-dir)
             [[ $# -ge 2 && -n "$2" ]] || die 2 "$1 needs a value"
             case "$1" in
@@ -59,16 +71,23 @@ cd "$ROOT"
 [[ "$TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die 2 "--timeout is '$TIMEOUT'; needs seconds"
 N="$(series_count "$SERIES_DIR")"
 if [[ -z "$LEVELS" ]]; then
-    LEVELS="$(seq -s ' ' 0 "$N")"
+    if ((INSTALLED)); then LEVELS="$N"; else LEVELS="$(seq -s ' ' 0 "$N")"; fi
 fi
 for lvl in $LEVELS; do
     if ! [[ "$lvl" =~ ^[0-9]+$ ]] || ((lvl > N)); then
         die 2 "level '$lvl' is not in 0..$N (patches in $SERIES_DIR)"
     fi
 done
+if ((INSTALLED)) && [[ "$LEVELS" == *" "* ]]; then
+    die 2 "--installed tests one build: give one level, not '$LEVELS'"
+fi
 command -v "$PY" >/dev/null 2>&1 || die 2 "interpreter $PY not found; needs --python PY"
 BASE_PYTHONPATH="$(without_overlays)"
-PYTHONPATH="$BASE_PYTHONPATH" "$PY" "$STACK_PY" check-torch --python "$PY" >/dev/null
+if ((INSTALLED)); then
+    PYTHONPATH="$BASE_PYTHONPATH" "$PY" -c 'import torch; print("[gpu-tier] installed torch", torch.__version__, "git", torch.version.git_version, "at", torch.__file__)' >&2
+else
+    PYTHONPATH="$BASE_PYTHONPATH" "$PY" "$STACK_PY" check-torch --python "$PY" >/dev/null
+fi
 gpus="$(timeout 300 "$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null |
     tail -n1 || true)"
 [[ "$gpus" =~ ^[0-9]+$ ]] || gpus=0
@@ -80,9 +99,23 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$LOGS"
 passed=0
 failed=0
+
+# record NAME LOGFILE RC: count a run, print its summary lines
+record() {
+    local name=$1 logfile=$2 rc=$3
+    grep -E '^=+ .*(passed|failed|error|skipped).* in ' "$logfile" | sed "s/^/  $name: /" || true
+    if ((rc == 0)); then
+        passed=$((passed + 1))
+    else
+        ((rc == 124)) && log "$name timed out after ${TIMEOUT}s"
+        log "$name failed (exit $rc); see $logfile"
+        failed=$((failed + 1))
+    fi
+}
+
 for lvl in $LEVELS; do
     path="$BASE_PYTHONPATH"
-    if ((lvl > 0)); then
+    if ((lvl > 0 && !INSTALLED)); then
         overlay="$(PYTHONPATH="$BASE_PYTHONPATH" "$PY" "$STACK_PY" overlay --python "$PY" \
             --upto "$lvl" --series-dir "$SERIES_DIR" | tail -n1)"
         path="$overlay${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}"
@@ -94,14 +127,14 @@ for lvl in $LEVELS; do
         "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 \
         -m pytest -v -rs -p no:cacheprovider "${FILES[@]}" "${PYTEST_EXTRA[@]}" \
         >"$logfile" 2>&1 || rc=$?
-    grep -E '^=+ .*(passed|failed|error).* in ' "$logfile" | sed "s/^/  L$lvl: /" || true
-    if ((rc == 0)); then
-        passed=$((passed + 1))
-    else
-        ((rc == 124)) && log "level $lvl timed out after ${TIMEOUT}s"
-        log "level $lvl failed (exit $rc); see $logfile"
-        failed=$((failed + 1))
-    fi
+    record "L$lvl" "$logfile" "$rc"
 done
+
+logfile="$LOGS/cxx.log"
+log "C++ runtime check (patch 5): 1 GPU, timeout ${TIMEOUT}s, log $logfile"
+rc=0
+PYTHONPATH="$BASE_PYTHONPATH" timeout "$TIMEOUT" "$PY" -m pytest -v -rs -p no:cacheprovider \
+    test/distributed/cxx/test_peer_alloc_info.py >"$logfile" 2>&1 || rc=$?
+record cxx "$logfile" "$rc"
 echo "$passed passed, $failed failed"
 ((failed == 0))

@@ -509,6 +509,10 @@ def test_nightly_gpu_job_is_optional_and_reported() -> None:
     assert "continue-on-error: true" in gpu
     assert re.search(r"timeout-minutes: \d+", gpu)
     assert "runs-on: ${{ needs.plan.outputs.gpu_runner }}" in gpu
+    # the whole GPU tier on the built torch, at the build's level
+    assert re.search(
+        r"run: scripts/gpu_tier\.sh --installed .*--levels \"\$UPTO\"", gpu
+    ), gpu
     assert "gpu_runner_label:" in text and "upto:" in text
     summary = text[text.index("\n  summary:") :]
     assert "if: always()" in summary

@@ -1,9 +1,10 @@
-"""scripts/gpu_tier.sh: arguments, the refusal without GPUs, and its level loop.
+"""scripts/gpu_tier.sh: arguments, the refusal without GPUs, and its runs.
 
-The loop runs against a stand-in interpreter: the real one for everything
-(stack.py, check-torch, the overlays), except that it reports 2 CUDA GPUs
-and answers `-m torch.distributed.run ...` with a pytest summary line and the
-exit status FAKE_RC_L<level>, recording the level and PYTHONPATH it saw.
+The runs go to a stand-in interpreter: the real one for everything (stack.py,
+check-torch, the overlays), except that it reports 2 CUDA GPUs, answers
+`-m torch.distributed.run ...` with a pytest summary line and the exit status
+FAKE_RC_L<level>, and `-m pytest ...` (the one-GPU C++ check) likewise with
+FAKE_RC_CXX; it records the level, PYTHONPATH and arguments it saw.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ if [[ "${1:-}" == -m && "$2" == torch.distributed.run ]]; then
     echo "==== 3 passed, 1 skipped in 1.00s ===="
     rc_var="FAKE_RC_L$SYMM_STACK_LEVEL"
     exit "${!rc_var:-0}"
+fi
+if [[ "${1:-}" == -m && "$2" == pytest ]]; then
+    echo "cxx path=${PYTHONPATH%%:*} args=$*" >> "$FAKE_RECORD"
+    echo "==== 4 passed, 2 xfailed in 1.00s ===="
+    exit "${FAKE_RC_CXX:-0}"
 fi
 exec REAL "$@"
 """
@@ -51,6 +57,7 @@ def gpu_tier(*args: str | Path, **env: str) -> tuple[int, str]:
         (["--timeout", "0"], "--timeout is '0'; needs seconds"),
         (["--python"], "--python needs a value"),
         (["--bogus"], "unknown argument '--bogus'"),
+        (["--installed", "--levels", "1 2"], "--installed tests one build"),
     ],
 )
 def test_bad_arguments_are_refused(args: list[str], message: str) -> None:
@@ -77,9 +84,12 @@ def test_levels_run_on_their_overlays(fake_python: Path, tmp_path: Path) -> None
         FAKE_RECORD=str(record),
     )  # fmt: skip
     assert rc == 0, out
-    assert out.rstrip().endswith("2 passed, 0 failed"), out
+    assert out.rstrip().endswith("3 passed, 0 failed"), out
     assert "L0: ==== 3 passed, 1 skipped in 1.00s ====" in out
-    lines = record.read_text().splitlines()
+    assert "cxx: ==== 4 passed, 2 xfailed in 1.00s ====" in out
+    *lines, cxx = record.read_text().splitlines()
+    assert "test/distributed/cxx/test_peer_alloc_info.py" in cxx
+    assert "OVERLAY" not in cxx and "/2 " not in cxx
     assert [line.split()[0] for line in lines] == ["level=0", "level=2"]
     assert "OVERLAY" not in lines[0] and "/2 " not in lines[0]
     overlay = Path(lines[1].split()[1].removeprefix("path="))
@@ -88,6 +98,22 @@ def test_levels_run_on_their_overlays(fake_python: Path, tmp_path: Path) -> None
         assert "--nproc-per-node 2 -m pytest" in line
         assert "test_symm_mem_allocator.py -x" in line
     assert (logs / "L0.log").is_file() and (logs / "L2.log").is_file()
+    assert (logs / "cxx.log").is_file()
+
+
+def test_installed_runs_its_one_level_without_overlay(
+    fake_python: Path, tmp_path: Path
+) -> None:
+    record = tmp_path / "record"
+    rc, out = gpu_tier(
+        "--python", fake_python, "--installed", "--logs", tmp_path / "logs",
+        FAKE_RECORD=str(record),
+    )  # fmt: skip
+    assert rc == 0, out
+    assert "installed torch" in out
+    level, cxx = record.read_text().splitlines()
+    assert level.startswith("level=5 "), level  # every patch in the series
+    assert "build/overlay" not in level and "OVERLAY" not in level
 
 
 def test_a_failing_level_fails_the_run(fake_python: Path, tmp_path: Path) -> None:
@@ -96,5 +122,15 @@ def test_a_failing_level_fails_the_run(fake_python: Path, tmp_path: Path) -> Non
         FAKE_RECORD=str(tmp_path / "record"), FAKE_RC_L1="1",
     )  # fmt: skip
     assert rc == 1, out
-    assert "level 1 failed (exit 1)" in out
+    assert "L1 failed (exit 1)" in out
+    assert out.rstrip().endswith("2 passed, 1 failed"), out
+
+
+def test_a_failing_cxx_check_fails_the_run(fake_python: Path, tmp_path: Path) -> None:
+    rc, out = gpu_tier(
+        "--python", fake_python, "--levels", "0", "--logs", tmp_path / "logs",
+        FAKE_RECORD=str(tmp_path / "record"), FAKE_RC_CXX="1",
+    )  # fmt: skip
+    assert rc == 1, out
+    assert "cxx failed (exit 1)" in out
     assert out.rstrip().endswith("1 passed, 1 failed"), out
