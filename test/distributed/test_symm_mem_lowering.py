@@ -321,7 +321,20 @@ class LoweringTest(unittest.TestCase):
         def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return torch.ops.symm_mem.one_shot_all_reduce_copy(x, y, "sum", gname)
 
-        self._check_calls(fn, lambda x, y: nccl_all_reduce(y), [[(128, 256)] * 2] * 3)
+        def ref(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return nccl_all_reduce(y)
+
+        code = self._check_calls(fn, ref, [[(128, 256)] * 2] * 3)
+        if holds(2, 4):
+            check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})  # copy of x
+        else:
+            # [5/5] x is staged by copy_ into a persistent P2P buffer
+            check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 0, ".copy_(": 1})
+        torch._dynamo.reset()
+        shapes = [[(n, 64)] * 2 for n in (96, 160, 33)]
+        code = self._check_calls(fn, ref, shapes, dynamic=True)
+        # dynamic: x's identity copy into a P2P buffer allocated per call
+        check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})
 
     @levels(2)
     def test_custom_op_output_fed_to_one_shot(self) -> None:
