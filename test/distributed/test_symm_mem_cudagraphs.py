@@ -79,6 +79,17 @@ class CudagraphTreeTest(unittest.TestCase):
     def _gen(self, seed: int) -> torch.Generator:
         return torch.Generator(device="cuda").manual_seed(seed + 17 * dist.get_rank())
 
+    def _next_input(
+        self, x: torch.Tensor, gen: torch.Generator, it: int
+    ) -> torch.Tensor:
+        """New values for call ``it``: on odd calls a fresh tensor, on even
+        calls written into ``x`` itself (the address CUDA graphs recorded)."""
+        new = torch.randn(x.shape, device="cuda", generator=gen) + it
+        if it % 2:
+            return new
+        x.copy_(new)
+        return x
+
     def _eight_layers(self) -> None:
         compiled = torch.compile(
             eight_layers(group_name()), mode="reduce-overhead", fullgraph=True
@@ -117,11 +128,7 @@ class CudagraphTreeTest(unittest.TestCase):
         x = torch.randn(256, 512, device="cuda", generator=gen)
         with torch._inductor.config.patch({"triton.slow_path_cudagraph_asserts": True}):
             for it in range(REPLAYS):
-                new = torch.randn(x.shape, device="cuda", generator=gen) + it
-                if it % 2:
-                    x = new
-                else:
-                    x.copy_(new)
+                x = self._next_input(x, gen, it)
                 torch.compiler.cudagraph_mark_step_begin()
                 out = compiled(x)
                 torch.testing.assert_close(out, nccl_all_reduce(x))
@@ -161,11 +168,7 @@ class CudagraphTreeTest(unittest.TestCase):
                 flags = {"triton.slow_path_cudagraph_asserts": True}
                 with torch._inductor.config.patch(flags):
                     for it in range(REPLAYS):
-                        new = torch.randn(x.shape, device="cuda", generator=gen) + it
-                        if it % 2:
-                            x = new
-                        else:
-                            x.copy_(new)
+                        x = self._next_input(x, gen, it)
                         y = torch.randn(y.shape, device="cuda", generator=gen)
                         torch.compiler.cudagraph_mark_step_begin()
                         out = compiled(x, y).clone()
