@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from inductor_harness import GROUP, lower  # noqa: E402
-from stack_level import LEVEL, levels  # noqa: E402
+from stack_level import LEVEL, holds, levels  # noqa: E402
 
 
 symm_mem = torch.ops.symm_mem
@@ -306,28 +306,44 @@ RENDEZVOUS = re.compile(r'^\s*rendezvous_p2p_buffer\((buf\d+), "' + GROUP + r'"\
 ALLOC = re.compile(r"^\s*(buf\d+) = empty_strided_p2p\(")
 
 
+# CUDA graphs with graph partitions: allocations inside partition functions,
+# and (from level 5) graph-input staging buffers allocated in `call`
+PARTITIONED = {"triton.cudagraphs": True, "graph_partition": True}
+
+
 class WarmupCodegenTest(unittest.TestCase):
     """The wrapper rendezvouses every P2P buffer right after allocating it."""
 
+    EIGHT_LAYER_INPUTS = [((128, 256), BF16)] + [((256, 256), BF16)] * 8
     CASES = [
-        ("one_shot", one_shot, [((64, 32), BF16)], False),
+        ("one_shot", one_shot, [((64, 32), BF16)], False, {}),
+        ("eight_layers", eight_layer_model, EIGHT_LAYER_INPUTS, False, {}),
+        ("graph_input", graph_input_one_shot, [((64, 32), BF16)], False, {}),
+        ("graph_input_dynamic", graph_input_one_shot, [((64, 32), BF16)], True, {}),
         (
-            "eight_layers",
+            "eight_layers_partitioned",
             eight_layer_model,
-            [((128, 256), BF16)] + [((256, 256), BF16)] * 8,
+            EIGHT_LAYER_INPUTS,
             False,
+            PARTITIONED,
         ),
-        ("graph_input", graph_input_one_shot, [((64, 32), BF16)], False),
-        ("graph_input_dynamic", graph_input_one_shot, [((64, 32), BF16)], True),
+        (
+            "graph_input_partitioned",
+            graph_input_one_shot,
+            [((64, 32), BF16)],
+            False,
+            PARTITIONED,
+        ),
     ]
 
     def _codes(self) -> Iterator[tuple[str, str]]:
-        for name, fn, inputs, dynamic in self.CASES:
+        for name, fn, inputs, dynamic, flags in self.CASES:
             if (
                 name.startswith("graph_input") and LEVEL < 2
             ):  # the pin cannot lower graph-input symm_mem ops
                 continue
-            code = lower(fn, inputs, dynamic=dynamic).code
+            with torch._inductor.config.patch(flags):
+                code = lower(fn, inputs, dynamic=dynamic).code
             assert code is not None
             yield name, code
 
@@ -353,6 +369,11 @@ class WarmupCodegenTest(unittest.TestCase):
                 for i, buf in allocs:
                     self.assertRegex(lines[i + 1], RENDEZVOUS, code)
                     self.assertEqual(RENDEZVOUS.match(lines[i + 1]).group(1), buf)
+                if name == "graph_input_partitioned" and holds(5):
+                    # [5/5] the staging buffer is allocated in `call`, outside
+                    # any partition, and still rendezvoused there
+                    call = lines.index("    def call(self, args):")
+                    self.assertGreater(allocs[0][0], call, code)
 
     @levels(0, 2)
     def test_pin_rendezvous_is_left_to_the_op(self) -> None:
