@@ -1424,6 +1424,18 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{what} patches 1..N of the series (default: all)",
         )
 
+    def overlay_flags(p: argparse.ArgumentParser) -> None:
+        "Where overlays live, whose torch they patch, and the series they apply"
+        p.add_argument(
+            "--out",
+            type=Path,
+            default=REPO / "build" / "overlay",
+            metavar="DIR",
+            help="overlay root; level N goes to DIR/N (default: build/overlay)",
+        )
+        python_flag(p)
+        series_flag(p)
+
     def base_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--base-dir",
@@ -1479,15 +1491,7 @@ def build_parser() -> argparse.ArgumentParser:
         "overlay", cmd_overlay, "patched torch Python files over the installed wheel"
     )
     upto_flag(p, "overlay")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=REPO / "build" / "overlay",
-        metavar="DIR",
-        help="overlay root; level N goes to DIR/N (default: build/overlay)",
-    )
-    python_flag(p)
-    series_flag(p)
+    overlay_flags(p)
     p.add_argument(
         "--remove",
         action="store_true",
@@ -1521,15 +1525,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("lint-patched", cmd_lint_patched, "ruff the patched torch files vs the pin")
     upto_flag(p, "lint the files touched by")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=REPO / "build" / "overlay",
-        metavar="DIR",
-        help="overlay root (default: build/overlay)",
-    )
-    python_flag(p)
-    series_flag(p)
+    overlay_flags(p)
     return parser
 
 
