@@ -129,14 +129,6 @@ export SYMM_STACK_LEVEL="$UPTO"
 
 # ------------------------------------------------------------------ LoweringTest
 
-# gpu_count: CUDA GPUs visible to $PY's torch (0 when it cannot tell).
-gpu_count() {
-    local n
-    n="$(timeout 300 "$PY" -c 'import torch; print(torch.cuda.device_count())' \
-        2>/dev/null | tail -n1 || true)"
-    [[ "$n" =~ ^[0-9]+$ ]] && echo "$n" || echo 0
-}
-
 # lowering_tests: the GPU tier with 2+ GPUs, else the CPU tier; SYMM_STACK_LEVEL
 # and PYTHONPATH must already be set.
 lowering_tests() {
@@ -146,9 +138,7 @@ lowering_tests() {
     if ((gpus >= 2)); then
         file=test/distributed/test_symm_mem_lowering.py
         [[ -f "$file" ]] || die 1 "$file not found: the GPU tier of LoweringTest is not written yet"
-        export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
-        export TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}"
-        export NVSHMEM_DISABLE_NVLS="${NVSHMEM_DISABLE_NVLS:-1}"
+        multicast_off
         log "GPU tier: $gpus CUDA GPUs visible; $file on 2 ranks, level $SYMM_STACK_LEVEL, timeout ${GPU_TIMEOUT:-1200}s"
         timeout "${GPU_TIMEOUT:-1200}" "$PY" -m torch.distributed.run --standalone \
             --nproc-per-node 2 -m pytest -v "$file" || rc=$?
@@ -262,7 +252,7 @@ source_mode() {
     build_source
     PYTHONPATH="$(without_overlays)"
     export PYTHONPATH
-    (cd "$ROOT" && "$PY" -c 'import torch; print("[apply] built torch", torch.__version__, "git", torch.version.git_version, "at", torch.__file__)' >&2)
+    report_torch built
     if ((NO_TESTS)); then
         log "stopping before LoweringTest (--no-tests)"
         return 0
@@ -276,7 +266,7 @@ installed_mode() {
     select_python "$PY_ARG" "$NO_VENV" "$ROOT/.venv" 1
     PYTHONPATH="$(without_overlays)"
     export PYTHONPATH
-    (cd "$ROOT" && "$PY" -c 'import torch; print("[apply] installed torch", torch.__version__, "git", torch.version.git_version, "at", torch.__file__)' >&2)
+    report_torch installed
     if ((NO_TESTS)); then
         log "nothing to do (--installed with --no-tests)"
         return 0

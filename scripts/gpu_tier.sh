@@ -20,7 +20,7 @@ on `PY` (default python3, used as it is: nothing is installed) with the
 overlay of patches 1..L (`stack.py overlay`, under build/overlay) on
 PYTHONPATH and SYMM_STACK_LEVEL=L, under `timeout S` (default 300) per level,
 with NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-NVSHMEM_DISABLE_NVLS=1.  Then, once, the one-GPU runtime check of patch 5's
+NVSHMEM_DISABLE_NVLS=1 (unless set otherwise).  Then, once, the one-GPU runtime check of patch 5's
 C++ change, `pytest test/distributed/cxx/test_peer_alloc_info.py` (its
 fix-specific checks are expected failures on a torch without the fix).
 
@@ -84,17 +84,15 @@ fi
 command -v "$PY" >/dev/null 2>&1 || die 2 "interpreter $PY not found; needs --python PY"
 BASE_PYTHONPATH="$(without_overlays)"
 if ((INSTALLED)); then
-    PYTHONPATH="$BASE_PYTHONPATH" "$PY" -c 'import torch; print("[gpu-tier] installed torch", torch.__version__, "git", torch.version.git_version, "at", torch.__file__)' >&2
+    PYTHONPATH="$BASE_PYTHONPATH" report_torch installed
 else
     PYTHONPATH="$BASE_PYTHONPATH" "$PY" "$STACK_PY" check-torch --python "$PY" >/dev/null
 fi
-gpus="$(timeout 300 "$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null |
-    tail -n1 || true)"
-[[ "$gpus" =~ ^[0-9]+$ ]] || gpus=0
+gpus="$(PYTHONPATH="$BASE_PYTHONPATH" gpu_count)"
 ((gpus >= 2)) || die 3 "the GPU tier needs 2 CUDA GPUs; $PY's torch sees $gpus"
 
 FILES=(test/distributed/test_symm_mem_{lowering,cudagraphs,partition,allocator}.py)
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+multicast_off
 export PYTHONUNBUFFERED=1
 mkdir -p "$LOGS"
 passed=0

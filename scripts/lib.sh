@@ -1,5 +1,5 @@
 # shellcheck shell=bash disable=SC2034  # its variables are for the scripts sourcing it
-# Helpers shared by scripts/apply_and_build.sh and scripts/test.sh.
+# Helpers shared by scripts/apply_and_build.sh, test.sh and gpu_tier.sh.
 # Source it; it defines functions and STACK_ROOT, and runs nothing else.
 
 STACK_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -154,4 +154,26 @@ series_count() {
     else
         echo 0
     fi
+}
+
+# gpu_count: CUDA GPUs visible to $PY's torch (0 when it cannot tell).
+gpu_count() {
+    local n
+    n="$(timeout 300 "$PY" -c 'import torch; print(torch.cuda.device_count())' \
+        2>/dev/null | tail -n1 || true)"
+    [[ "$n" =~ ^[0-9]+$ ]] && echo "$n" || echo 0
+}
+
+# multicast_off: export the settings that keep NVLink multicast off, unless set
+# (shared machines; the multimem ops are covered by the CPU tier only).
+multicast_off() {
+    export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
+    export TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}"
+    export NVSHMEM_DISABLE_NVLS="${NVSHMEM_DISABLE_NVLS:-1}"
+}
+
+# report_torch WHAT: one line on stderr naming the torch $PY imports from the
+# repository root (version, git commit, location).
+report_torch() {
+    (cd "$STACK_ROOT" && "$PY" -c 'import sys, torch; print("[%s] %s torch %s git %s at %s" % (sys.argv[1], sys.argv[2], torch.__version__, torch.version.git_version, torch.__file__))' "$STACK_LOG_PREFIX" "$1" >&2)
 }
