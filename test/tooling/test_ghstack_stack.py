@@ -14,7 +14,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,22 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tooling_helpers
+from tooling_helpers import IDENTITY, PIN, REPO, STACK_PY, clean_env, git
 
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "ghstack_stack.sh"
-STACK_PY = REPO / "scripts" / "stack.py"
-APPLY = REPO / "scripts" / "apply_and_build.sh"
 NIGHTLY = REPO / ".github" / "workflows" / "nightly.yml"
 CI = REPO / ".github" / "workflows" / "ci.yml"
 TESTS_DIR = REPO / "test" / "distributed"
 SUBDIR = "test/distributed/symm_mem_stack"
-IDENTITY = {
-    "GIT_AUTHOR_NAME": "Stack Test",
-    "GIT_AUTHOR_EMAIL": "stack-test@example.invalid",
-    "GIT_COMMITTER_NAME": "Stack Test",
-    "GIT_COMMITTER_EMAIL": "stack-test@example.invalid",
-}
 
 
 def run(
@@ -48,12 +40,9 @@ def run(
     env: dict[str, str] | None = None,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if k != "SYMM_STACK_PIN_FILE"}
-    full_env.update(IDENTITY)
-    if env:
-        full_env.update(env)
-    proc = subprocess.run(
-        args, cwd=cwd, env=full_env, text=True, capture_output=True, timeout=600
+    "tooling_helpers.run with a fixed git identity, failing loudly unless check=False"
+    proc = tooling_helpers.run(
+        list(args), cwd=cwd, env=clean_env(**IDENTITY, **(env or {}))
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -63,43 +52,11 @@ def run(
     return proc
 
 
-def git(repo: Path, *args: str) -> str:
-    return run(["git", "-C", str(repo), *args]).stdout
-
-
 def stack_py(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run([sys.executable, str(STACK_PY), *args], check=check)
 
 
-def read_pin(path: Path) -> dict[str, str]:
-    pin = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            pin[key] = value
-    return pin
-
-
-# --------------------------------------------------------------------------- base
-
-
-@pytest.fixture(scope="session")
-def base_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """build/base (made or refreshed by stack.py base), else a private base."""
-    if not STACK_PY.is_file():
-        pytest.skip("scripts/stack.py is not there yet")
-    proc = stack_py("base", check=False)
-    if proc.returncode == 0:
-        return REPO / "build" / "base"
-    if "torch" in proc.stderr and (
-        "wrong torch" in proc.stderr or "no torch" in proc.stderr
-    ):
-        pytest.skip(f"no pinned torch for {sys.executable}: {proc.stderr.strip()}")
-    # build/base is held by someone's work or is not ours: use a private one.
-    private = tmp_path_factory.mktemp("base") / "base"
-    stack_py("base", "--out", str(private))
-    return private
+# The wheel-derived base repo is conftest's session fixture `stack_base`.
 
 
 @dataclass(frozen=True)
@@ -145,12 +102,12 @@ SYNTHETIC = [
 
 @pytest.fixture(scope="session")
 def synthetic_series(
-    base_repo: Path, tmp_path_factory: pytest.TempPathFactory
+    stack_base: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Series:
     """Two patches made here against the base and exported by stack.py export."""
     root = tmp_path_factory.mktemp("synthetic")
     work = root / "work"
-    run(["git", "clone", "-q", str(base_repo), str(work)])
+    run(["git", "clone", "-q", str(stack_base), str(work)])
     git(work, "checkout", "-q", "-b", "synth", "pin-base")
     demo = work / "torch" / "_inductor" / "symm_mem_stack_demo.py"
     demo.write_text('"""Synthetic module."""\n\nPLANNED = ()\n')
@@ -169,7 +126,7 @@ def synthetic_series(
 
 
 @pytest.fixture(scope="session")
-def real_series(base_repo: Path) -> Series:
+def real_series(stack_base: Path) -> Series:
     series_dir = REPO / "patches"
     if not (series_dir / "series").is_file():
         pytest.skip("patches/series is not written yet")
@@ -177,7 +134,7 @@ def real_series(base_repo: Path) -> Series:
     if not patches:
         pytest.skip("patches/series lists no patch yet")
     tracked = set(
-        git(base_repo, "ls-tree", "-r", "--name-only", "pin-base").split("\n")
+        git(stack_base, "ls-tree", "-r", "--name-only", "pin-base").split("\n")
     )
     added: set[str] = set()
     for patch in patches:
@@ -224,13 +181,13 @@ def fake_ghstack(tmp: Path) -> tuple[Path, Path]:
     return fake, log
 
 
-def make_checkout(base_repo: Path, tmp: Path, length: int) -> tuple[Path, Path, str]:
+def make_checkout(stack_base: Path, tmp: Path, length: int) -> tuple[Path, Path, str]:
     """A clone of the base at pin-base, and a pin file naming that commit."""
     src = tmp / "pytorch"
-    run(["git", "clone", "-q", str(base_repo), str(src)])
+    run(["git", "clone", "-q", str(stack_base), str(src)])
     git(src, "checkout", "-q", "--detach", "pin-base")
     pin_commit = git(src, "rev-parse", "HEAD").strip()
-    pin = read_pin(REPO / "PIN")
+    pin = dict(PIN)
     pin["TORCH_GIT_COMMIT"] = pin_commit
     pin["SERIES_LENGTH"] = str(length)
     pin_file = tmp / "PIN"
@@ -254,10 +211,8 @@ def ghstack_stack(
 
 
 @pytest.fixture
-def stack(base_repo: Path, series: Series, tmp_path: Path) -> Stack:
-    if not APPLY.is_file():
-        pytest.skip("scripts/apply_and_build.sh is not there yet")
-    src, pin_file, pin_commit = make_checkout(base_repo, tmp_path, len(series.patches))
+def stack(stack_base: Path, series: Series, tmp_path: Path) -> Stack:
+    src, pin_file, pin_commit = make_checkout(stack_base, tmp_path, len(series.patches))
     fake, log = fake_ghstack(tmp_path)
     proc = ghstack_stack(src, pin_file, series, fake, "--dry-run")
     commits = git(src, "rev-list", "--reverse", f"{pin_commit}..HEAD").split()
@@ -421,12 +376,10 @@ def test_dry_run_names_every_pull_request_and_stays_offline(stack: Stack) -> Non
 
 
 def test_submit_passes_extra_flags_to_ghstack(
-    base_repo: Path, synthetic_series: Series, tmp_path: Path
+    stack_base: Path, synthetic_series: Series, tmp_path: Path
 ) -> None:
-    if not APPLY.is_file():
-        pytest.skip("scripts/apply_and_build.sh is not there yet")
     src, pin_file, pin_commit = make_checkout(
-        base_repo, tmp_path, len(synthetic_series.patches)
+        stack_base, tmp_path, len(synthetic_series.patches)
     )
     fake, log = fake_ghstack(tmp_path)
     ghstack_stack(src, pin_file, synthetic_series, fake, "--", "--draft", "--no-skip")
@@ -440,12 +393,10 @@ def test_submit_passes_extra_flags_to_ghstack(
 
 
 def test_refuses_a_checkout_that_is_not_at_the_pin(
-    base_repo: Path, synthetic_series: Series, tmp_path: Path
+    stack_base: Path, synthetic_series: Series, tmp_path: Path
 ) -> None:
-    if not APPLY.is_file():
-        pytest.skip("scripts/apply_and_build.sh is not there yet")
     src, pin_file, pin_commit = make_checkout(
-        base_repo, tmp_path, len(synthetic_series.patches)
+        stack_base, tmp_path, len(synthetic_series.patches)
     )
     (src / "stray.txt").write_text("x\n")
     git(src, "add", "stray.txt")
