@@ -16,6 +16,8 @@ buffer stays put across replays.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch._inductor import ir
 from torch._inductor.lowering import register_lowering
@@ -79,6 +81,50 @@ def _lower_unsafe_scale(x: ir.TensorBox) -> ir.TensorBox:
     return ir.TensorBox.create(
         ir.ExternKernelOut(layout=layout, inputs=[x], op_overload=unsafe_scale_out)
     )
+
+
+# -------- reading the generated code (both tiers)
+
+
+def functions(code: str) -> dict[str, str]:
+    """The bodies of the partition functions and of ``call``, by name."""
+    found = {}
+    pattern = r"^( *)def (partition_\d+|call)\((?:self, )?args\):\n"
+    for m in re.finditer(pattern, code, re.M):
+        indent = len(m.group(1))
+        body = []
+        for line in code[m.end() :].splitlines():
+            if line.strip() and len(line) - len(line.lstrip()) <= indent:
+                break
+            body.append(line)
+        found[m.group(2)] = "\n".join(body)
+    return found
+
+
+def allocates(body: str, name: str) -> bool:
+    pattern = rf"^\s*{name} = empty_strided_(cuda|p2p)\("
+    return re.search(pattern, body, re.M) is not None
+
+
+def returned(body: str) -> list[str]:
+    (ret,) = re.findall(r"^\s*return \((.*)\)\s*$", body, re.M)
+    return [n.strip() for n in ret.split(",") if n.strip()]
+
+
+def partition_args(body: str) -> list[str]:
+    (line,) = re.findall(r"^\s*(.*) = args$", body, re.M)
+    return [n.strip() for n in line.split(",") if n.strip()]
+
+
+def unsafe_outs(call: str) -> list[str]:
+    """Buffers the unsafe op writes, in call order."""
+    return re.findall(rf"{NAMESPACE}\.unsafe_scale\.out\(.*, out=(buf\d+)\)", call)
+
+
+def unsafe_out(call: str) -> str:
+    """The one buffer the unsafe op writes."""
+    (name,) = unsafe_outs(call)
+    return name
 
 
 def check_hoisted(code: str, buf: str, index: int) -> None:

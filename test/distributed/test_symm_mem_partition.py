@@ -22,7 +22,6 @@ Each test declares the series levels it holds for (stack_level.py).
 from __future__ import annotations
 
 import os
-import re
 import sys
 import unittest
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from gpu_tier import (  # noqa: E402
     REASON,
     nccl_all_reduce,
 )
+from partition_ops import allocates, functions, partition_args, unsafe_out  # noqa: E402
 from stack_level import levels  # noqa: E402
 
 
@@ -102,38 +102,6 @@ def plain_middle(
         return torch.relu(scale(h))
 
     return middle
-
-
-def functions(code: str) -> dict[str, str]:
-    """The bodies of the partition functions and of ``call``, by name."""
-    found = {}
-    pattern = r"^( *)def (partition_\d+|call)\((?:self, )?args\):\n"
-    for m in re.finditer(pattern, code, re.M):
-        indent = len(m.group(1))
-        body = []
-        for line in code[m.end() :].splitlines():
-            if line.strip() and len(line) - len(line.lstrip()) <= indent:
-                break
-            body.append(line)
-        found[m.group(2)] = "\n".join(body)
-    return found
-
-
-def allocates(body: str, name: str) -> bool:
-    pattern = rf"^\s*{name} = empty_strided_(cuda|p2p)\("
-    return re.search(pattern, body, re.M) is not None
-
-
-def partition_args(body: str) -> list[str]:
-    (line,) = re.findall(r"^\s*(.*) = args$", body, re.M)
-    return [n.strip() for n in line.split(",") if n.strip()]
-
-
-def unsafe_out(call: str) -> str:
-    (name,) = re.findall(
-        r"symm_stack_part\.unsafe_scale\.out\(.*, out=(buf\d+)\)", call
-    )
-    return name
 
 
 class PartitionCase(unittest.TestCase):

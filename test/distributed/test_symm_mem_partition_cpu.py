@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import partition_ops  # noqa: E402
 from inductor_harness import GROUP, lower  # noqa: E402
+from partition_ops import allocates, functions, partition_args, returned, unsafe_outs  # noqa: E402
 from stack_level import levels  # noqa: E402
 
 
@@ -91,43 +92,6 @@ def data_dependent_size(x: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
     torch._check(k >= 0)
     torch._check(k <= h.shape[0])
     return torch.relu(partition_ops.unsafe_scale(h.narrow(0, 0, k))).sum(0)
-
-
-def functions(code: str) -> dict[str, str]:
-    """The bodies of the partition functions and of ``call``, by name."""
-    found = {}
-    for m in re.finditer(
-        r"^( *)def (partition_\d+|call)\((?:self, )?args\):\n", code, re.M
-    ):
-        indent = len(m.group(1))
-        body = []
-        for line in code[m.end() :].splitlines():
-            if line.strip() and len(line) - len(line.lstrip()) <= indent:
-                break
-            body.append(line)
-        found[m.group(2)] = "\n".join(body)
-    return found
-
-
-def allocates(body: str, name: str) -> bool:
-    return (
-        re.search(rf"^\s*{name} = empty_strided_(cuda|p2p)\(", body, re.M) is not None
-    )
-
-
-def returned(body: str) -> list[str]:
-    (ret,) = re.findall(r"^\s*return \((.*)\)\s*$", body, re.M)
-    return [n.strip() for n in ret.split(",") if n.strip()]
-
-
-def partition_args(body: str) -> list[str]:
-    (line,) = re.findall(r"^\s*(.*) = args$", body, re.M)
-    return [n.strip() for n in line.split(",") if n.strip()]
-
-
-def unsafe_outs(call: str) -> list[str]:
-    """Buffers the unsafe op writes, in call order."""
-    return re.findall(r"symm_stack_part\.unsafe_scale\.out\(.*, out=(buf\d+)\)", call)
 
 
 def generate(
