@@ -27,25 +27,20 @@ from torch._inductor.virtualized import V
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cpu_models import (  # noqa: E402
+    BF16,
+    GRAPH_INPUT_CASES,
+    custom_op_output,
+    graph_input_one_shot,
+    graph_input_tile_reduce,
+    mm_one_shot,
+    symm_mem,
+)
 from inductor_harness import GROUP, Lowered, comm_layout_names, lower  # noqa: E402
 from stack_level import levels  # noqa: E402
 
 
-symm_mem = torch.ops.symm_mem
-BF16 = torch.bfloat16
 CUDA = torch.device("cuda", 0)
-
-
-def graph_input_one_shot(x: torch.Tensor) -> torch.Tensor:
-    return symm_mem.one_shot_all_reduce(x, "sum", GROUP)
-
-
-def graph_input_multimem(x: torch.Tensor) -> torch.Tensor:
-    return symm_mem.multimem_one_shot_all_reduce(x, "sum", GROUP)
-
-
-def graph_input_copy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return symm_mem.one_shot_all_reduce_copy(x, y, "sum", GROUP)
 
 
 def two_inputs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -58,32 +53,8 @@ def graph_input_view(x: torch.Tensor) -> torch.Tensor:
     return symm_mem.one_shot_all_reduce(x[:, :16], "sum", GROUP)
 
 
-def mm_one_shot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return symm_mem.one_shot_all_reduce(x @ w, "sum", GROUP)
-
-
 def one_shot_then_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return symm_mem.one_shot_all_reduce(x, "sum", GROUP) @ w
-
-
-def graph_input_tile_reduce(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    symm_mem.tile_reduce(x, out, 0, GROUP)
-    return out
-
-
-@torch.library.custom_op("symm_stack_alloc_test::scale", mutates_args=())
-def scale(x: torch.Tensor) -> torch.Tensor:
-    """No out variant: Inductor does not allocate its output."""
-    return x * 3
-
-
-@scale.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-def custom_op_output(x: torch.Tensor) -> torch.Tensor:
-    return symm_mem.one_shot_all_reduce(scale(x), "sum", GROUP)
 
 
 def _staging_copies(lowered: Lowered) -> list[Any]:
@@ -232,23 +203,7 @@ class InputPathTest(unittest.TestCase):
         self.assertLess(made_at, body.index(f"{name}.copy_("))
 
     def test_static_graph_input_is_staged_without_kernel(self) -> None:
-        for fn, inputs, out_op in [
-            (
-                graph_input_one_shot,
-                [((64, 32), BF16)],
-                symm_mem.one_shot_all_reduce_out.default,
-            ),
-            (
-                graph_input_multimem,
-                [((64, 32), BF16)],
-                symm_mem.multimem_one_shot_all_reduce_out.default,
-            ),
-            (
-                graph_input_copy,
-                [((64, 32), BF16)] * 2,
-                symm_mem.one_shot_all_reduce_copy_out.default,
-            ),
-        ]:
+        for fn, inputs, out_op in GRAPH_INPUT_CASES:
             with self.subTest(fn=fn.__name__):
                 lowered = lower(fn, inputs)
                 (staging,) = _staging_copies(lowered)
@@ -298,7 +253,7 @@ class InputPathTest(unittest.TestCase):
     def test_fallback_output_takes_identity_copy(self) -> None:
         lowered = lower(custom_op_output, [((64, 32), BF16)])
         self.assertEqual(_staging_copies(lowered), [])
-        (fallback,) = lowered.by_op(torch.ops.symm_stack_alloc_test.scale.default)
+        (fallback,) = lowered.by_op(torch.ops.symm_stack_test.scale.default)
         (p2p,) = comm_layout_names(lowered)
         buf = lowered.graph.get_buffer(p2p)
         self.assertIsInstance(buf.data, ir.Pointwise)

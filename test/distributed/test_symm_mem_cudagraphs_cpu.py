@@ -22,12 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cpu_models import (  # noqa: E402
+    BF16,
+    eight_layer_model,
+    graph_input_one_shot,
+    one_shot,
+)
 from inductor_harness import GROUP, lower  # noqa: E402
 from stack_level import LEVEL, holds, levels  # noqa: E402
-
-
-symm_mem = torch.ops.symm_mem
-BF16 = torch.bfloat16
 
 
 class _CudaLooking(torch.Tensor):
@@ -286,20 +288,6 @@ class PoolCheckTest(unittest.TestCase):
     def test_pin_expects_every_live_storage_in_pool(self) -> None:
         with self.assertRaisesRegex(RuntimeError, "not allocated in pool"):
             self._check()
-
-
-def one_shot(x: torch.Tensor) -> torch.Tensor:
-    return symm_mem.one_shot_all_reduce(x * 2, "sum", GROUP)
-
-
-def eight_layer_model(x: torch.Tensor, *ws: torch.Tensor) -> torch.Tensor:
-    for w in ws:
-        x = symm_mem.one_shot_all_reduce(x @ w, "sum", GROUP)
-    return x
-
-
-def graph_input_one_shot(x: torch.Tensor) -> torch.Tensor:
-    return symm_mem.one_shot_all_reduce(x, "sum", GROUP)
 
 
 RENDEZVOUS = re.compile(r'^\s*rendezvous_p2p_buffer\((buf\d+), "' + GROUP + r'"\)$')

@@ -24,6 +24,17 @@ from torch._inductor import ir
 sys.path.insert(0, str(Path(__file__).parent))
 
 from code_stats import P2P_ALLOC, TRITON_KERNEL, CodeStats, check_counts  # noqa: E402
+from cpu_models import (  # noqa: E402
+    BF16,
+    GRAPH_INPUT_CASES,
+    custom_op_output,
+    eight_layer_model,
+    graph_input_one_shot,
+    graph_input_tile_reduce,
+    mm_one_shot,
+    one_shot,
+    symm_mem,
+)
 from inductor_harness import (  # noqa: E402
     GROUP,
     Lowered,
@@ -33,21 +44,7 @@ from inductor_harness import (  # noqa: E402
 from stack_level import levels  # noqa: E402
 
 
-symm_mem = torch.ops.symm_mem
-BF16 = torch.bfloat16
-
-
-def eight_layer_model(x: torch.Tensor, *ws: torch.Tensor) -> torch.Tensor:
-    for w in ws:
-        x = symm_mem.one_shot_all_reduce(x @ w, "sum", GROUP)
-    return x
-
-
 EIGHT_LAYER_INPUTS = [((128, 4096), BF16)] + [((4096, 4096), BF16)] * 8
-
-
-def one_shot(x: torch.Tensor) -> torch.Tensor:
-    return symm_mem.one_shot_all_reduce(x * 2, "sum", GROUP)
 
 
 def one_shot_copy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -184,49 +181,12 @@ class OutVariantLoweringTest(unittest.TestCase):
         )
 
 
-@torch.library.custom_op("symm_stack_test::scale", mutates_args=())
-def scale(x: torch.Tensor) -> torch.Tensor:
-    """A custom op without an out variant: Inductor lowers it to a
-    FallbackKernel and does not control its output allocation."""
-    return x * 3
-
-
-@scale.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-def graph_input_one_shot(x: torch.Tensor) -> torch.Tensor:
-    return symm_mem.one_shot_all_reduce(x, "sum", GROUP)
-
-
-def graph_input_copy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return symm_mem.one_shot_all_reduce_copy(x, y, "sum", GROUP)
-
-
-def graph_input_multimem(x: torch.Tensor) -> torch.Tensor:
-    return symm_mem.multimem_one_shot_all_reduce(x, "sum", GROUP)
-
-
-def custom_op_output(x: torch.Tensor) -> torch.Tensor:
-    return symm_mem.one_shot_all_reduce(scale(x), "sum", GROUP)
-
-
 def relu_of_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return symm_mem.one_shot_all_reduce(torch.relu(x @ w), "sum", GROUP)
 
 
-def mm_one_shot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return symm_mem.one_shot_all_reduce(x @ w, "sum", GROUP)
-
-
 def add_of_inputs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return symm_mem.one_shot_all_reduce(a + b, "sum", GROUP)
-
-
-def graph_input_tile_reduce(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    symm_mem.tile_reduce(x, out, 0, GROUP)
-    return out
 
 
 def graph_input_inplace_collectives(
@@ -271,23 +231,7 @@ class UncontrolledInputTest(unittest.TestCase):
 
     @levels(2, 4)
     def test_graph_input_is_copied_once(self) -> None:
-        for fn, inputs, out_op in [
-            (
-                graph_input_one_shot,
-                [((64, 32), BF16)],
-                symm_mem.one_shot_all_reduce_out.default,
-            ),
-            (
-                graph_input_multimem,
-                [((64, 32), BF16)],
-                symm_mem.multimem_one_shot_all_reduce_out.default,
-            ),
-            (
-                graph_input_copy,
-                [((64, 32), BF16)] * 2,
-                symm_mem.one_shot_all_reduce_copy_out.default,
-            ),
-        ]:
+        for fn, inputs, out_op in GRAPH_INPUT_CASES:
             with self.subTest(fn=fn.__name__):
                 lowered = lower(fn, inputs)
                 p2p = self._only_p2p(lowered)
