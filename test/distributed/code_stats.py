@@ -41,6 +41,11 @@ TRITON_KERNEL = "@triton.jit"  # one per generated Triton kernel (identity copie
 P2P_ALLOC = "= empty_strided_p2p("  # one per P2P allocation
 
 
+def p2p_alloc_lines(code: str) -> list[str]:
+    "Every P2P allocation line of ``code``, stripped"
+    return [ln.strip() for ln in code.splitlines() if P2P_ALLOC in ln]
+
+
 def check_counts(code: str, counts: dict[str, int]) -> None:
     """FileCheck that each pattern occurs exactly ``n`` times in ``code``
     (``n == 0``: not at all).  Each pattern is checked over the whole code,

@@ -156,6 +156,21 @@ class Lowered:
         return self.graph.get_buffer(name).get_output_spec()
 
 
+def is_identity_copy_of(lowered: Lowered, buf: ir.Buffer, name: str) -> bool:
+    """Whether ``buf`` is a Pointwise that only loads ``name``: an identity
+    copy, not a computation such as mul, add or relu."""
+    data = getattr(buf, "data", None)
+    if not isinstance(data, ir.Pointwise):
+        return False
+    return (
+        lowered.reads(buf) == {name}
+        and "ops.load" in str(data)
+        and not any(
+            op in str(data) for op in ("ops.mul", "ops.add", "ops.relu", "ops.maximum")
+        )
+    )
+
+
 def comm_layout_names(lowered: Lowered) -> list[str]:
     return [
         b.get_name()

@@ -31,7 +31,12 @@ from torch.testing import FileCheck
 sys.path.insert(0, str(Path(__file__).parent))
 
 import gpu_tier  # noqa: E402
-from code_stats import P2P_ALLOC, TRITON_KERNEL, check_counts  # noqa: E402
+from code_stats import (  # noqa: E402
+    P2P_ALLOC,
+    TRITON_KERNEL,
+    check_counts,
+    p2p_alloc_lines,
+)
 from gpu_tier import (  # noqa: E402
     group_name,
     nccl_all_reduce,
@@ -48,10 +53,6 @@ def setUpModule() -> None:
 
 def tearDownModule() -> None:
     gpu_tier.tear_down()
-
-
-def p2p_allocs(code: str) -> list[str]:
-    return [ln.strip() for ln in code.splitlines() if "= empty_strided_p2p(" in ln]
 
 
 class GraphInputStagingTest(unittest.TestCase):
@@ -94,7 +95,7 @@ class GraphInputStagingTest(unittest.TestCase):
     def _assert_staged_once_per_input(self, code: str, inputs: int) -> None:
         # one persistent P2P buffer per input at most (a later staging buffer
         # may reuse an earlier one), filled by one copy_ per input
-        allocs = p2p_allocs(code)
+        allocs = p2p_alloc_lines(code)
         self.assertTrue(1 <= len(allocs) <= inputs, allocs)
         for alloc in allocs:
             self.assertRegex(alloc, r"alloc_id=\d+\)$")
@@ -198,7 +199,7 @@ class GraphInputStagingTest(unittest.TestCase):
             self._one_shot(), nccl_all_reduce, shapes, calls=20, dynamic=True
         )
         check_counts(code, {TRITON_KERNEL: 1, ".copy_(": 0})  # patch 2's copy
-        for alloc in p2p_allocs(code):
+        for alloc in p2p_alloc_lines(code):
             self.assertNotIn("alloc_id", alloc)  # allocated per call
 
     @levels(5)

@@ -27,6 +27,7 @@ from torch._inductor.virtualized import V
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from code_stats import p2p_alloc_lines  # noqa: E402
 from cpu_models import (  # noqa: E402
     BF16,
     GRAPH_INPUT_CASES,
@@ -36,7 +37,13 @@ from cpu_models import (  # noqa: E402
     mm_one_shot,
     symm_mem,
 )
-from inductor_harness import GROUP, Lowered, comm_layout_names, lower  # noqa: E402
+from inductor_harness import (  # noqa: E402
+    GROUP,
+    Lowered,
+    comm_layout_names,
+    is_identity_copy_of,
+    lower,
+)
 from stack_level import levels  # noqa: E402
 
 
@@ -65,19 +72,6 @@ def _staging_copies(lowered: Lowered) -> list[Any]:
 
 def _call_body(code: str) -> str:
     return code[code.index("def call(self, args):") :]
-
-
-def _p2p_alloc_lines(code: str) -> list[str]:
-    return [ln.strip() for ln in code.splitlines() if "= empty_strided_p2p(" in ln]
-
-
-def _is_identity_copy_of(lowered: Lowered, buf: ir.Buffer, name: str) -> bool:
-    data = getattr(buf, "data", None)
-    return (
-        isinstance(data, ir.Pointwise)
-        and lowered.reads(buf) == {name}
-        and not any(op in str(data) for op in ("ops.mul", "ops.add", "ops.relu"))
-    )
 
 
 def _layout(
@@ -190,7 +184,7 @@ class InputPathTest(unittest.TestCase):
         # copy, or reuses a P2P buffer that is free by then (comm buffers are
         # only ever reused for comm buffers).
         name = staging.get_name()
-        allocs = [ln for ln in _p2p_alloc_lines(body) if ln.startswith(f"{name} = ")]
+        allocs = [ln for ln in p2p_alloc_lines(body) if ln.startswith(f"{name} = ")]
         reuse = re.search(rf"{name} = (buf\d+); del \1  # reuse", body)
         if reuse is None:
             (alloc,) = allocs
@@ -212,7 +206,7 @@ class InputPathTest(unittest.TestCase):
                 self.assertEqual(node.inputs[0].get_name(), staging.get_name())
                 self.assertEqual(comm_layout_names(lowered), [staging.get_name()])
                 assert lowered.code is not None
-                self.assertEqual(len(_p2p_alloc_lines(lowered.code)), 1)
+                self.assertEqual(len(p2p_alloc_lines(lowered.code)), 1)
                 self.assertEqual(lowered.code.count(".copy_("), 1)
                 # no Triton identity copy (and no other kernel)
                 self.assertNotIn("@triton.jit", lowered.code)
@@ -227,7 +221,7 @@ class InputPathTest(unittest.TestCase):
         assert lowered.code is not None
         self.assertEqual(lowered.code.count(".copy_("), 2)
         # the second staging buffer reuses the first: one P2P allocation
-        (alloc,) = _p2p_alloc_lines(lowered.code)
+        (alloc,) = p2p_alloc_lines(lowered.code)
         self.assertRegex(alloc, r"alloc_id=\d+\)$")
         # only the final add is a kernel
         self.assertEqual(lowered.code.count("@triton.jit"), 1)
@@ -237,11 +231,11 @@ class InputPathTest(unittest.TestCase):
         self.assertEqual(_staging_copies(lowered), [])
         (p2p,) = comm_layout_names(lowered)
         buf = lowered.graph.get_buffer(p2p)
-        self.assertTrue(_is_identity_copy_of(lowered, buf, lowered.input_name(0)))
+        self.assertTrue(is_identity_copy_of(lowered, buf, lowered.input_name(0)))
         assert lowered.code is not None
         self.assertIn("@triton.jit", lowered.code)
         self.assertNotIn(".copy_(", lowered.code)
-        (alloc,) = _p2p_alloc_lines(lowered.code)
+        (alloc,) = p2p_alloc_lines(lowered.code)
         self.assertNotIn("alloc_id", alloc)
 
     def test_view_of_graph_input_takes_identity_copy(self) -> None:
@@ -283,7 +277,7 @@ class InputPathTest(unittest.TestCase):
         self.assertEqual(_staging_copies(lowered), [])
         (p2p,) = comm_layout_names(lowered)
         buf = lowered.graph.get_buffer(p2p)
-        self.assertTrue(_is_identity_copy_of(lowered, buf, lowered.input_name(0)))
+        self.assertTrue(is_identity_copy_of(lowered, buf, lowered.input_name(0)))
         assert lowered.code is not None
         self.assertEqual(lowered.code.count("@triton.jit"), 1)
 
@@ -335,7 +329,7 @@ class InputPathTest(unittest.TestCase):
         assert args is not None
         self.assertIn(name, [a.strip() for a in args.group(1).split(",")])
         self.assertLess(copy_at, args.start())
-        (alloc,) = _p2p_alloc_lines(lowered.code)
+        (alloc,) = p2p_alloc_lines(lowered.code)
         self.assertTrue(alloc.startswith(f"{name} = "), alloc)
         self.assertIn(alloc, body)
         partition = lowered.code[: lowered.code.index("class Runner")]

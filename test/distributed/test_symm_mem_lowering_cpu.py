@@ -39,6 +39,7 @@ from inductor_harness import (  # noqa: E402
     GROUP,
     Lowered,
     comm_layout_names,
+    is_identity_copy_of,
     lower,
 )
 from stack_level import levels  # noqa: E402
@@ -208,19 +209,6 @@ def _p2p_sources(lowered: Lowered) -> list[ir.Buffer]:
     return found
 
 
-def _is_identity_copy_of(lowered: Lowered, buf: ir.Buffer, name: str) -> bool:
-    data = getattr(buf, "data", None)
-    if not isinstance(data, ir.Pointwise):
-        return False
-    return (
-        lowered.reads(buf) == {name}
-        and "ops.load" in str(data)
-        and not any(
-            op in str(data) for op in ("ops.mul", "ops.add", "ops.relu", "ops.maximum")
-        )
-    )
-
-
 class UncontrolledInputTest(unittest.TestCase):
     """[2/5] inputs Inductor does not allocate get one identity copy into P2P."""
 
@@ -236,7 +224,7 @@ class UncontrolledInputTest(unittest.TestCase):
                 lowered = lower(fn, inputs)
                 p2p = self._only_p2p(lowered)
                 self.assertTrue(
-                    _is_identity_copy_of(lowered, p2p, lowered.input_name(0)), str(p2p)
+                    is_identity_copy_of(lowered, p2p, lowered.input_name(0)), str(p2p)
                 )
                 (node,) = lowered.by_op(out_op)
                 self.assertEqual(node.inputs[0].get_name(), p2p.get_name())
@@ -282,7 +270,7 @@ class UncontrolledInputTest(unittest.TestCase):
                 # no identity copy after it.
                 self.assertIsInstance(p2p.data, ir.Pointwise)
                 self.assertFalse(
-                    _is_identity_copy_of(lowered, p2p, lowered.input_name(0))
+                    is_identity_copy_of(lowered, p2p, lowered.input_name(0))
                 )
                 assert lowered.code is not None
                 check_counts(lowered.code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})
@@ -315,7 +303,7 @@ class UncontrolledInputTest(unittest.TestCase):
         lowered = lower(graph_input_one_shot, [((64, 32), BF16)], dynamic=True)
         p2p = self._only_p2p(lowered)
         self.assertTrue(
-            _is_identity_copy_of(lowered, p2p, lowered.input_name(0)), str(p2p)
+            is_identity_copy_of(lowered, p2p, lowered.input_name(0)), str(p2p)
         )
         assert lowered.code is not None
         (line,) = [
@@ -369,7 +357,7 @@ class UncontrolledInputTest(unittest.TestCase):
             self.assertIsInstance(p2p.get_output_spec(), ir.CommBufferLayout)
             if name is not None:
                 self.assertTrue(
-                    _is_identity_copy_of(lowered, p2p, lowered.input_name(0))
+                    is_identity_copy_of(lowered, p2p, lowered.input_name(0))
                 )
         out = reduce_scatter.inputs[1]
         self.assertNotIsInstance(out.get_output_spec(), ir.CommBufferLayout)
