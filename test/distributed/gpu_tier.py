@@ -106,3 +106,28 @@ def eight_layers_reference(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Ten
     for w in ws:
         x = nccl_all_reduce(x @ w)
     return x
+
+
+class DistributedCase(unittest.TestCase):
+    """Every rank starts each test from a fresh dynamo and finishes it before
+    any rank starts the next."""
+
+    def setUp(self) -> None:
+        torch._dynamo.reset()
+        dist.barrier()
+
+    def tearDown(self) -> None:
+        torch.cuda.synchronize()
+        dist.barrier()
+
+
+@torch.library.custom_op("symm_stack_gpu::scale", mutates_args=())
+def scale(x: torch.Tensor) -> torch.Tensor:
+    """3 * x, with no out variant: Inductor does not control its output
+    allocation (a FallbackKernel)."""
+    return x * 3
+
+
+@scale.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)

@@ -55,15 +55,7 @@ def tearDownModule() -> None:
     gpu_tier.tear_down()
 
 
-class GraphInputStagingTest(unittest.TestCase):
-    def setUp(self) -> None:
-        torch._dynamo.reset()
-        dist.barrier()
-
-    def tearDown(self) -> None:
-        torch.cuda.synchronize()
-        dist.barrier()
-
+class GraphInputStagingTest(gpu_tier.DistributedCase):
     def _inputs(self, it: int, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
         gen = torch.Generator(device="cuda").manual_seed(1000 * it + dist.get_rank())
         return [torch.randn(s, device="cuda", generator=gen) for s in shapes]

@@ -65,16 +65,11 @@ def tree_nodes() -> list[cudagraph_trees.CUDAGraphNode]:
     return nodes
 
 
-class CudagraphTreeTest(unittest.TestCase):
+class CudagraphTreeTest(gpu_tier.DistributedCase):
     def setUp(self) -> None:
-        torch._dynamo.reset()
         cudagraph_trees.reset_cudagraph_trees()
         counters.clear()
-        dist.barrier()
-
-    def tearDown(self) -> None:
-        torch.cuda.synchronize()
-        dist.barrier()
+        super().setUp()
 
     def _gen(self, seed: int) -> torch.Generator:
         return torch.Generator(device="cuda").manual_seed(seed + 17 * dist.get_rank())
@@ -146,9 +141,7 @@ class CudagraphTreeTest(unittest.TestCase):
                 lambda x, y: nccl_all_reduce(y),
             ),
             "custom_op_output": (
-                lambda x, y: (
-                    one_shot(torch.ops.symm_stack_cg.scale(x), "sum", gname) + y
-                ),
+                lambda x, y: one_shot(gpu_tier.scale(x), "sum", gname) + y,
                 lambda x, y: nccl_all_reduce(x * 3) + y,
             ),
             "pointwise_producer": (
@@ -226,17 +219,6 @@ class CudagraphTreeTest(unittest.TestCase):
             self.assertRaisesRegex(RuntimeError, expected),
         ):
             self._eight_layers()
-
-
-@torch.library.custom_op("symm_stack_cg::scale", mutates_args=())
-def _scale(x: torch.Tensor) -> torch.Tensor:
-    """No out variant: Inductor does not control its output allocation."""
-    return x * 3
-
-
-@_scale.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
 
 
 if __name__ == "__main__":

@@ -74,15 +74,7 @@ def poison_p2p_buffers(code: str) -> None:
     dist.barrier()
 
 
-class LoweringTest(unittest.TestCase):
-    def setUp(self) -> None:
-        torch._dynamo.reset()
-        dist.barrier()
-
-    def tearDown(self) -> None:
-        torch.cuda.synchronize()
-        dist.barrier()
-
+class LoweringTest(gpu_tier.DistributedCase):
     def _eight_layer_inputs(self, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         gen = torch.Generator(device="cuda").manual_seed(seed + dist.get_rank())
         x = torch.randn(128, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -342,7 +334,7 @@ class LoweringTest(unittest.TestCase):
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             return torch.ops.symm_mem.one_shot_all_reduce(
-                torch.ops.symm_stack_gpu.scale(x), "sum", gname
+                gpu_tier.scale(x), "sum", gname
             )
 
         code = self._check_calls(
@@ -387,17 +379,6 @@ class LoweringTest(unittest.TestCase):
 
         with self.assertRaisesRegex(RuntimeError, "empty_strided_p2p"):
             torch.compile(fn, fullgraph=True)(torch.randn(64, 64, device="cuda"))
-
-
-@torch.library.custom_op("symm_stack_gpu::scale", mutates_args=())
-def _scale(x: torch.Tensor) -> torch.Tensor:
-    """No out variant: Inductor does not control its output allocation."""
-    return x * 3
-
-
-@_scale.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
 
 
 if __name__ == "__main__":
