@@ -196,6 +196,19 @@ def pointer_device(ptr: int) -> int:
     return device.value
 
 
+def probe_alloc(entry: str) -> Callable[[], int]:
+    """A function allocating TABLE_BYTES through the probe's ``entry``
+    (raw_alloc or cudaMalloc) and returning the pointer."""
+
+    def alloc() -> int:
+        out = ctypes.c_void_p()
+        call(entry, TABLE_BYTES, ctypes.byref(out))
+        assert out.value is not None
+        return out.value
+
+    return alloc
+
+
 def with_pool(fn: Callable[[], _T]) -> tuple[_T, torch.cuda.MemPool]:
     """Run ``fn`` while the caching allocator routes allocations to a new pool."""
     pool = torch.cuda.MemPool()
@@ -210,13 +223,7 @@ class MechanismTest(unittest.TestCase):
     """Where small device allocations go while a graph-style pool is active."""
 
     def test_caching_allocator_alloc_lands_in_active_pool(self) -> None:
-        def alloc() -> int:
-            out = ctypes.c_void_p()
-            call("probe_raw_alloc", TABLE_BYTES, ctypes.byref(out))
-            assert out.value is not None
-            return out.value
-
-        ptr, pool = with_pool(alloc)
+        ptr, pool = with_pool(probe_alloc("probe_raw_alloc"))
         try:
             self.assertTrue(
                 active_block_holding(pool.snapshot(), ptr),
@@ -227,14 +234,7 @@ class MechanismTest(unittest.TestCase):
 
     def test_cuda_malloc_stays_out_of_active_pool(self) -> None:
         before = torch.cuda.memory_allocated()
-
-        def alloc() -> int:
-            out = ctypes.c_void_p()
-            call("probe_cuda_malloc", TABLE_BYTES, ctypes.byref(out))
-            assert out.value is not None
-            return out.value
-
-        ptr, pool = with_pool(alloc)
+        ptr, pool = with_pool(probe_alloc("probe_cuda_malloc"))
         try:
             self.assertFalse(in_any_segment(pool.snapshot(), ptr))
             self.assertFalse(in_any_segment(torch.cuda.memory_snapshot(), ptr))
