@@ -3,7 +3,10 @@
 # submit it (one pull request per patch).  See docs/upstream_and_nightly.md.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+STACK_LOG_PREFIX="ghstack"
+ROOT="$STACK_ROOT"
 PROG="ghstack_stack"
 TEST_SUBDIR="test/distributed/symm_mem_stack"
 GPU_NPROC=2
@@ -39,14 +42,15 @@ Everything after -- goes to 'ghstack submit' unchanged (e.g. -- --draft).
 The pin commit comes from PIN, or from the file named by env
 SYMM_STACK_PIN_FILE (as in apply_and_build.sh).  ghstack is taken from this
 repository's .venv, else from PATH; env GHSTACK overrides both.
+
+Exit status: 0 done, 1 a step failed, 2 bad input (arguments, pin), 3 a tool
+it needs (ghstack, python3) is missing.
 EOF
 }
 
+# The script's report goes to stdout (the dry run's is its result); errors go
+# through lib.sh's die.
 say() { echo "$PROG: $*"; }
-die() {
-    echo "$PROG: error: $*" >&2
-    exit 1
-}
 
 SRC="${PYTORCH_SRC:-}"
 UPTO=""
@@ -70,21 +74,17 @@ while (($#)); do
     esac
 done
 
-[[ -n "$SRC" ]] || die "no PyTorch checkout given (--source DIR or env PYTORCH_SRC)"
-[[ -d "$SRC" ]] || die "$SRC is not a directory"
+[[ -n "$SRC" ]] || die 2 "no PyTorch checkout given (--source DIR or env PYTORCH_SRC)"
+[[ -d "$SRC" ]] || die 2 "$SRC is not a directory"
 SRC="$(cd "$SRC" && pwd)"
 if [[ -n "$UPTO" && ! "$UPTO" =~ ^[0-9]+$ ]]; then
-    die "--upto wants a number, got '$UPTO'"
+    die 2 "--upto wants a number, got '$UPTO'"
 fi
 
-PIN_FILE="${SYMM_STACK_PIN_FILE:-$ROOT/PIN}"
-[[ -f "$PIN_FILE" ]] || die "pin file $PIN_FILE not found"
-PIN_COMMIT="$(
-    # shellcheck source=/dev/null
-    . "$PIN_FILE"
-    echo "${TORCH_GIT_COMMIT:-}"
-)"
-[[ "$PIN_COMMIT" =~ ^[0-9a-f]{40}$ ]] || die "$PIN_FILE has no TORCH_GIT_COMMIT"
+load_pin  # PIN, or the file named by SYMM_STACK_PIN_FILE; never executed
+PIN_COMMIT="$TORCH_GIT_COMMIT"
+[[ "$PIN_COMMIT" =~ ^[0-9a-f]{40}$ ]] ||
+    die 2 "the pin's TORCH_GIT_COMMIT is '$PIN_COMMIT'; needs a 40-hex commit"
 
 if [[ -n "${GHSTACK:-}" ]]; then
     GHSTACK_BIN="$GHSTACK"
@@ -94,11 +94,11 @@ else
     GHSTACK_BIN="$(command -v ghstack || true)"
 fi
 if ((DRY_RUN == 0)); then
-    [[ -n "$GHSTACK_BIN" ]] || die "ghstack not found (pip install ghstack, or set GHSTACK)"
+    [[ -n "$GHSTACK_BIN" ]] || die 3 "ghstack not found (pip install ghstack, or set GHSTACK)"
 fi
 
 PYTHON="$ROOT/.venv/bin/python"
-[[ -x "$PYTHON" ]] || PYTHON="$(command -v python3)" || die "python3 not found"
+[[ -x "$PYTHON" ]] || PYTHON="$(command -v python3)" || die 3 "python3 not found"
 
 g() { git -C "$SRC" "$@"; }
 
@@ -113,13 +113,13 @@ say "applying the series: scripts/apply_and_build.sh ${apply_args[*]}"
 "$ROOT/scripts/apply_and_build.sh" "${apply_args[@]}"
 
 BRANCH="$(g symbolic-ref --quiet --short HEAD)" ||
-    die "apply_and_build.sh left $SRC without a branch checked out"
+    die 1 "apply_and_build.sh left $SRC without a branch checked out"
 g merge-base --is-ancestor "$PIN_COMMIT" HEAD ||
-    die "the pin $PIN_COMMIT is not an ancestor of $BRANCH"
+    die 1 "the pin $PIN_COMMIT is not an ancestor of $BRANCH"
 mapfile -t COMMITS < <(g rev-list --reverse --first-parent "$PIN_COMMIT..HEAD")
-((${#COMMITS[@]} > 0)) || die "$BRANCH has no commit on top of the pin"
+((${#COMMITS[@]} > 0)) || die 1 "$BRANCH has no commit on top of the pin"
 if [[ -n "$UPTO" ]] && ((${#COMMITS[@]} != UPTO)); then
-    die "$BRANCH has ${#COMMITS[@]} commits on top of the pin, expected $UPTO"
+    die 1 "$BRANCH has ${#COMMITS[@]} commits on top of the pin, expected $UPTO"
 fi
 say "$BRANCH: ${#COMMITS[@]} commit(s) on top of ${PIN_COMMIT:0:12}"
 
@@ -130,7 +130,7 @@ for f in "$ROOT"/test/distributed/*.py; do
     TEST_FILES+=("$(basename "$f")")
 done
 shopt -u nullglob
-((${#TEST_FILES[@]} > 0)) || die "no test files in $ROOT/test/distributed"
+((${#TEST_FILES[@]} > 0)) || die 1 "no test files in $ROOT/test/distributed"
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT

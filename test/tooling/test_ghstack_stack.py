@@ -418,7 +418,9 @@ def test_help_and_shellcheck() -> None:
     shellcheck = shellcheck or shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed")
-    run([shellcheck, str(SCRIPT), str(REPO / "scripts" / "install_lint_tools.sh")])
+    run(
+        [shellcheck, "-x", str(SCRIPT), str(REPO / "scripts" / "install_lint_tools.sh")]
+    )
 
 
 # --------------------------------------------------------------------------- workflows
