@@ -16,7 +16,12 @@ median step times (CUDA events around `--steps` back-to-back steps, median of
                               buffer allocated once, then calls the op;
   eager, pre-staged           the op on an input already in symmetric memory
                               (no copy: the floor for the rows above);
-  copy_ alone                 only `staging.copy_(x)` into that buffer.
+  copy_ alone                 only `staging.copy_(x)` into that buffer;
+  compiled, x * 2             torch.compile(lambda t: t * 2) on x: no
+                              collective, one Triton kernel, the per-call
+                              cost of a compiled function on this host.
+Each row gives step_us (CUDA events) and host_us, the host time to issue a
+step: host_us close to step_us means the row is host-bound.
 Below level 5 the config flag does not exist: the "identity copy" row then
 reports that, and the "staged" row is the identity copy itself.  Compare rows
 of one invocation on one card only.
@@ -31,7 +36,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from cuda_timing import median_step_us
+from cuda_timing import median_step_time
 
 
 SIZES_MB = (1, 64)
@@ -98,6 +103,11 @@ def run(steps: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
         def eager(fn: Callable[[], Any]) -> tuple[Callable[[], Any], str]:
             return fn, "eager"
 
+        def compiled_floor(x: torch.Tensor = x) -> tuple[Callable[[], Any], str]:
+            torch._dynamo.reset()
+            compiled = torch.compile(lambda t: t * 2, fullgraph=True)
+            return (lambda: compiled(x)), "no collective: torch.compile's own cost"
+
         configs: list[tuple[str, Callable[[], tuple[Callable[[], Any], str]]]] = [
             ("compiled, staged (path 2)", functools.partial(compiled_with, {})),
             (
@@ -115,6 +125,7 @@ def run(steps: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
                 "copy_ alone",
                 functools.partial(eager, functools.partial(staging.copy_, x)),
             ),
+            ("compiled, x * 2", compiled_floor),
         ]
         for name, make in configs:
             row: dict[str, Any] = {"size": f"{mb} MB", "config": name, "notes": ""}
@@ -124,7 +135,7 @@ def run(steps: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
                     step()
                 torch.cuda.synchronize()
                 dist.barrier()
-                row["step_us"] = median_step_us(step, steps, repeats)
+                row["step_us"], row["host_us"] = median_step_time(step, steps, repeats)
             except Exception as e:  # every rank fails alike: report, go on
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
             rows.append(row)
@@ -142,7 +153,7 @@ def table(rows: list[dict[str, Any]]) -> None:
         f"device: {torch.cuda.get_device_name()}  torch: {torch.__version__}  "
         f"SYMM_STACK_LEVEL={level}"
     )
-    print(f"{'size':<6} {'config':<28} {'step_us':>10}  notes")
+    print(f"{'size':<6} {'config':<28} {'step_us':>10} {'host_us':>10}  notes")
     for row in rows:
         if "error" in row:
             print(
@@ -150,9 +161,25 @@ def table(rows: list[dict[str, Any]]) -> None:
             )
             continue
         print(
-            f"{row['size']:<6} {row['config']:<28} {row['step_us']:>10.1f}  "
+            f"{row['size']:<6} {row['config']:<28} {row['step_us']:>10.1f} "
+            f"{row['host_us']:>10.1f}  "
             f"{row['notes']}"
         )
+    for size in dict.fromkeys(row["size"] for row in rows):
+        us = {
+            row["config"]: row["step_us"]
+            for row in rows
+            if row["size"] == size and "step_us" in row
+        }
+        staged = us.get("compiled, staged (path 2)")
+        floor = [us.get("eager, pre-staged"), us.get("copy_ alone")]
+        if staged is None or None in floor:
+            continue
+        parts = [f"{staged / sum(floor):.2f}x (pre-staged + copy_ alone)"]
+        for other in ("compiled, identity copy", "eager, staged by hand"):
+            if other in us:
+                parts.append(f"{staged / us[other]:.2f}x {other}")
+        print(f"{size:<6} staged = " + ", ".join(parts))
 
 
 def main() -> int:

@@ -14,8 +14,12 @@ each in the default mode and under mode="reduce-overhead" (CUDA graph trees;
 every step starts with torch.compiler.cudagraph_mark_step_begin()).  The table
 adds, per run, symm reduce-overhead over nccl reduce-overhead and over symm
 default.  A configuration that fails is reported as failed, not dropped.  Timings are
-CUDA-event medians over a fixed number of steps on every rank; compare only
-rows from one invocation on one card.
+CUDA-event medians over a fixed number of steps on every rank (step_us), with
+the host time to issue a step (host_us: close to step_us means host-bound);
+with --profile also the device time of a step (gpu_us: the sum of its kernel
+and copy times over 10 profiled steps, from torch.profiler; a collective
+kernel's time includes its wait for the peer), and where the time went on
+device and host.  Compare only rows from one invocation on one card.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parents[1] / "test" / "distributed"))
 
 from code_stats import CodeStats  # noqa: E402
-from cuda_timing import median_step_us  # noqa: E402
+from cuda_timing import median_step_time  # noqa: E402
 
 
 CONFIGS = (
@@ -102,9 +106,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 step()
             torch.cuda.synchronize()
             dist.barrier()
-            row["step_us"] = median_step_us(step, args.steps)
+            row["step_us"], row["host_us"] = median_step_time(step, args.steps)
             if args.profile:
-                profile_steps(name, step, rank)
+                row["gpu_us"] = profile_steps(name, step, rank)
         except Exception as e:  # report, keep going: every rank fails alike
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         result["rows"][name] = row
@@ -114,22 +118,62 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(result, indent=1))
         dist.barrier()
+    # Drop the compiled graphs and CUDA graph trees (which hold P2P buffers
+    # and NCCL work) before the process group goes.
+    torch._dynamo.reset()
+    torch._inductor.cudagraph_trees.reset_cudagraph_trees()
+    torch.cuda.synchronize()
     dist.destroy_process_group()
     return result
 
 
-def profile_steps(name: str, step: Callable[[], Any], rank: int) -> None:
-    """Every rank profiles 10 steps; rank 0 prints where the time went."""
+def profile_steps(name: str, step: Callable[[], Any], rank: int) -> float:
+    """Every rank profiles 10 steps, then runs 50 more under cProfile; rank 0
+    prints where the device time went and where the host time went.  Returns
+    the device time of one step (the sum of all kernel and copy times over the
+    10 profiled steps, divided by 10), in microseconds.  A collective kernel's
+    time includes its wait for the peer, and profiling slows the host, so
+    gpu_us can exceed step_us; a step_us well above it means the device sat
+    idle, waiting for the host."""
+    import cProfile
+    import io
+    import pstats
+
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             step()
         torch.cuda.synchronize()
+    averages = prof.key_averages()
+    # device-side events only (kernels, copies), as the table's total counts
+    gpu_us = (
+        sum(
+            e.self_device_time_total
+            for e in averages
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+        )
+        / 10
+    )
+    host = cProfile.Profile()
+    host.enable()
+    for _ in range(50):
+        step()
+    host.disable()
+    torch.cuda.synchronize()
     if rank == 0:
-        table = prof.key_averages().table(sort_by="device_time_total", row_limit=15)
+        table = averages.table(sort_by="device_time_total", row_limit=15)
         print(f"--- profile of {name}, 10 steps\n{table}", file=sys.stderr, flush=True)
+        out = io.StringIO()
+        stats = pstats.Stats(host, stream=out)
+        stats.sort_stats("cumulative").print_stats(30)
+        stats.sort_stats("tottime").print_stats(15)
+        print(
+            f"--- host profile of {name}, 50 steps\n{out.getvalue()}", file=sys.stderr
+        )
+    return gpu_us
 
 
 def table(paths: list[str]) -> None:
@@ -141,6 +185,8 @@ def table(paths: list[str]) -> None:
         "p2p_allocs",
         "plain_allocs",
         "step_us",
+        "host_us",
+        "gpu_us",
     ]
     print(f"device: {runs[0]['device']}  torch: {runs[0]['torch']}")
     print(f"{'run':<10} {'config':<22} " + " ".join(f"{c:>12}" for c in cols))
@@ -165,6 +211,13 @@ def table(paths: list[str]) -> None:
                 f"{run_['label']:<10} symm reduce-overhead = "
                 f"{cg / us['nccl reduce-overhead']:.2f}x nccl reduce-overhead, "
                 f"{cg / us['symm default']:.2f}x symm default"
+            )
+        gpu = {name: row.get("gpu_us") for name, row in run_["rows"].items()}
+        if gpu.get("symm reduce-overhead") and gpu.get("nccl reduce-overhead"):
+            print(
+                f"{run_['label']:<10} device time per step: symm reduce-overhead = "
+                f"{gpu['symm reduce-overhead'] / gpu['nccl reduce-overhead']:.2f}x "
+                "nccl reduce-overhead"
             )
 
 

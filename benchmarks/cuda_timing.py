@@ -1,26 +1,39 @@
 """Step timing shared by the benchmarks: CUDA events around many back-to-back
-steps, so launch gaps are amortised and no host clock is read."""
+steps, so launch gaps are amortised, plus the host time of the same loop."""
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 
-def median_step_us(fn: Callable[[], Any], steps: int, repeats: int = 7) -> float:
-    """Median over `repeats` of the mean time of one step, in microseconds,
-    each repeat timing `steps` back-to-back calls of `fn`."""
+class StepTime(NamedTuple):
+    # median over repeats of the mean step time, CUDA events, microseconds
+    step_us: float
+    # median over repeats of the mean host time to issue one step (the loop
+    # before its final synchronize), microseconds.  host_us close to step_us
+    # means the loop is host-bound: the GPU waits for the host.
+    host_us: float
+
+
+def median_step_time(fn: Callable[[], Any], steps: int, repeats: int = 7) -> StepTime:
+    """Time `repeats` runs of `steps` back-to-back calls of `fn`."""
     import torch
 
     means = []
+    hosts = []
     for _ in range(repeats):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         for _ in range(steps):
             fn()
+        t1 = time.perf_counter()
         end.record()
         end.synchronize()
         means.append(start.elapsed_time(end) * 1e3 / steps)
-    return statistics.median(means)
+        hosts.append((t1 - t0) * 1e6 / steps)
+    return StepTime(statistics.median(means), statistics.median(hosts))
