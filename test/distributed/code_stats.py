@@ -39,6 +39,13 @@ class CodeStats:
 # What the checks count in generated wrapper code.
 TRITON_KERNEL = "@triton.jit"  # one per generated Triton kernel (identity copies too)
 P2P_ALLOC = "= empty_strided_p2p("  # one per P2P allocation
+# The end of a P2P allocation line (see p2p_alloc_lines) of static size: one
+# persistent allocation per graph and buffer.
+PERSISTENT_ALLOC_ID = r"alloc_id=\d+\)$"
+# ... and of symbolic size (series level 2 and up): one persistent allocation
+# per concrete size, its alloc_id hashed at run time from the buffer's id and
+# its sizes and strides.
+PER_SIZE_ALLOC_ID = r"alloc_id=hash\(\(\d+, \(.*\), \(.*\)\)\) % 2\*\*64\)$"
 
 
 def p2p_alloc_lines(code: str) -> list[str]:

@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import gpu_tier  # noqa: E402
 from code_stats import (  # noqa: E402
     P2P_ALLOC,
+    PER_SIZE_ALLOC_ID,
+    PERSISTENT_ALLOC_ID,
     TRITON_KERNEL,
     check_counts,
     p2p_alloc_lines,
@@ -90,7 +92,7 @@ class GraphInputStagingTest(gpu_tier.DistributedCase):
         allocs = p2p_alloc_lines(code)
         self.assertTrue(1 <= len(allocs) <= inputs, allocs)
         for alloc in allocs:
-            self.assertRegex(alloc, r"alloc_id=\d+\)$")
+            self.assertRegex(alloc, PERSISTENT_ALLOC_ID)
         check_counts(code, {".copy_(": inputs})
         if inputs == 1:
             check_counts(code, {P2P_ALLOC: 1})
@@ -191,8 +193,8 @@ class GraphInputStagingTest(gpu_tier.DistributedCase):
             self._one_shot(), nccl_all_reduce, shapes, calls=20, dynamic=True
         )
         check_counts(code, {TRITON_KERNEL: 1, ".copy_(": 0})  # patch 2's copy
-        for alloc in p2p_alloc_lines(code):
-            self.assertNotIn("alloc_id", alloc)  # allocated per call
+        (alloc,) = p2p_alloc_lines(code)
+        self.assertRegex(alloc, PER_SIZE_ALLOC_ID)  # persistent per size
 
     @levels(5)
     def test_config_off_takes_identity_copy(self) -> None:

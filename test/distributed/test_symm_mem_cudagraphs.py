@@ -127,6 +127,48 @@ class CudagraphTreeTest(gpu_tier.DistributedCase):
                 torch.compiler.cudagraph_mark_step_begin()
                 out = compiled(x)
                 torch.testing.assert_close(out, nccl_all_reduce(x))
+        self.assertEqual(counters["inductor"]["cudagraph_skips"], 0)
+        self.assertGreaterEqual(len(tree_nodes()), 1)
+
+    @levels(3)
+    def test_dynamic_shapes_reduce_overhead(self) -> None:
+        # Symbolic-size P2P buffers inside the CUDA graph: one written by the
+        # mm (Inductor allocates it), one the identity copy of a graph input.
+        # Each has one persistent allocation per size (patch 2); a fresh
+        # allocation per call was freed during capture and aborted the process.
+        gname = group_name()
+        one_shot = torch.ops.symm_mem.one_shot_all_reduce
+        models: dict[str, tuple[Fn, Fn]] = {
+            "mm_output": (
+                lambda x, w: one_shot(torch.relu(x @ w), "sum", gname),
+                lambda x, w: nccl_all_reduce(torch.relu(x @ w)),
+            ),
+            "graph_input": (
+                lambda x, w: one_shot(x, "sum", gname) @ w,
+                lambda x, w: nccl_all_reduce(x) @ w,
+            ),
+        }
+        sizes = [96, 160, 33]
+        for seed, (name, (fn, ref)) in enumerate(models.items()):
+            with self.subTest(model=name):
+                torch._dynamo.reset()
+                cudagraph_trees.reset_cudagraph_trees()
+                counters.clear()
+                compiled = torch.compile(
+                    fn, mode="reduce-overhead", fullgraph=True, dynamic=True
+                )
+                gen = self._gen(20 + seed)
+                w = torch.randn(64, 64, device="cuda", generator=gen) / 8
+                for it in range(10 * len(sizes)):  # each size: warm-up, record, replays
+                    n = sizes[it % len(sizes)]
+                    x = torch.randn(n, 64, device="cuda", generator=gen) + it
+                    torch.compiler.cudagraph_mark_step_begin()
+                    out = compiled(x, w).clone()
+                    torch.testing.assert_close(
+                        out, ref(x, w), rtol=1e-3, atol=1e-3, msg=f"call {it}"
+                    )
+                self.assertEqual(counters["inductor"]["cudagraph_skips"], 0)
+                self.assertGreaterEqual(len(tree_nodes()), len(sizes))
 
     @levels(3)
     def test_graph_input_models_reduce_overhead(self) -> None:

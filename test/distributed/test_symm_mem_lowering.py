@@ -27,7 +27,14 @@ from torch.testing import FileCheck
 sys.path.insert(0, str(Path(__file__).parent))
 
 import gpu_tier  # noqa: E402
-from code_stats import P2P_ALLOC, TRITON_KERNEL, CodeStats, check_counts  # noqa: E402
+from code_stats import (  # noqa: E402
+    P2P_ALLOC,
+    PER_SIZE_ALLOC_ID,
+    TRITON_KERNEL,
+    CodeStats,
+    check_counts,
+    p2p_alloc_lines,
+)
 from gpu_tier import (  # noqa: E402
     eight_layers,
     eight_layers_reference,
@@ -132,10 +139,14 @@ class LoweringTest(gpu_tier.DistributedCase):
             )
 
         compiled = torch.compile(fn, fullgraph=True)
+        code = ""
         for it in range(3):
             x = torch.randn(256, 512, device="cuda") + it
             y = torch.randn(256, 512, device="cuda") * (dist.get_rank() + 1)
-            out, (code, *_) = run_and_get_code(compiled, x, y)
+            if it == 0:  # run_and_get_code resets dynamo: first call only
+                out, (code, *_) = run_and_get_code(compiled, x, y)
+            else:
+                out = compiled(x, y)
             torch.testing.assert_close(out, nccl_all_reduce(y + 1))
         FileCheck().check(
             "torch.ops.symm_mem.one_shot_all_reduce_copy_out.default("
@@ -182,7 +193,9 @@ class LoweringTest(gpu_tier.DistributedCase):
         poison: bool = False,
     ) -> str:
         """Compile ``fn``, call it once per entry of ``shapes`` with new values
-        and check each result against ``ref``; return the generated code.
+        and check each result against ``ref``; return the generated code. All
+        calls run the graph compiled by the first one (with ``dynamic``, one
+        graph of symbolic sizes for every size in ``shapes``).
 
         ``poison``: before every call after the first, fill the graph's
         persistent P2P buffers with NaN (on every rank), so a result computed
@@ -214,8 +227,10 @@ class LoweringTest(gpu_tier.DistributedCase):
                     torch._dynamo.mark_dynamic(a, 0)
             if poison and it > 0:
                 poison_p2p_buffers(code)
-            out, codes = run_and_get_code(compiled, *args)
-            code = codes[0] if codes else code
+            if it == 0:  # run_and_get_code resets dynamo: first call only
+                out, (code, *_) = run_and_get_code(compiled, *args)
+            else:
+                out = compiled(*args)
             torch.testing.assert_close(out, ref(*args))
         return code
 
@@ -237,8 +252,10 @@ class LoweringTest(gpu_tier.DistributedCase):
         code = self._check_calls(
             fn, nccl_all_reduce, [[(96, 64)], [(160, 64)], [(33, 64)]], dynamic=True
         )
-        # dynamic: the identity copy into a P2P buffer allocated per call
+        # dynamic: the identity copy into a P2P buffer persistent per size
         check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})
+        (alloc,) = p2p_alloc_lines(code)
+        self.assertRegex(alloc, PER_SIZE_ALLOC_ID)
 
     @levels(2)
     def test_dynamic_mm_output_fed_to_one_shot(self) -> None:
@@ -253,8 +270,10 @@ class LoweringTest(gpu_tier.DistributedCase):
             [[(n, 128), (128, 64)] for n in (96, 160, 33)],
             dynamic=True,
         )
-        # per-call P2P allocation written by the mm itself: no copy kernel
+        # a P2P buffer persistent per size, written by the mm itself: no copy
         check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 0})
+        (alloc,) = p2p_alloc_lines(code)
+        self.assertRegex(alloc, PER_SIZE_ALLOC_ID)
 
     @levels(2)
     def test_graph_input_two_shot_all_reduce_(self) -> None:
@@ -325,7 +344,7 @@ class LoweringTest(gpu_tier.DistributedCase):
         torch._dynamo.reset()
         shapes = [[(n, 64)] * 2 for n in (96, 160, 33)]
         code = self._check_calls(fn, ref, shapes, dynamic=True)
-        # dynamic: x's identity copy into a P2P buffer allocated per call
+        # dynamic: x's identity copy into a P2P buffer persistent per size
         check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})
 
     @levels(2)

@@ -23,7 +23,14 @@ from torch._inductor import ir
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from code_stats import P2P_ALLOC, TRITON_KERNEL, CodeStats, check_counts  # noqa: E402
+from code_stats import (  # noqa: E402
+    P2P_ALLOC,
+    PER_SIZE_ALLOC_ID,
+    PERSISTENT_ALLOC_ID,
+    TRITON_KERNEL,
+    CodeStats,
+    check_counts,
+)
 from cpu_models import (  # noqa: E402
     BF16,
     GRAPH_INPUT_CASES,
@@ -309,8 +316,8 @@ class UncontrolledInputTest(unittest.TestCase):
         (line,) = [
             ln for ln in lowered.code.splitlines() if "= empty_strided_p2p(" in ln
         ]
-        # A persistent allocation (alloc_id) needs one size for every call.
-        self.assertNotIn("alloc_id", line)
+        # One persistent allocation per size: the alloc_id hashes the sizes.
+        self.assertRegex(line, PER_SIZE_ALLOC_ID)
 
     @levels(2)
     def test_dynamic_inductor_buffer_becomes_p2p_without_copy(self) -> None:
@@ -325,7 +332,7 @@ class UncontrolledInputTest(unittest.TestCase):
         (line,) = [
             ln for ln in lowered.code.splitlines() if "= empty_strided_p2p(" in ln
         ]
-        self.assertNotIn("alloc_id", line)
+        self.assertRegex(line, PER_SIZE_ALLOC_ID)
 
     @levels(0, 1)
     def test_pin_dynamic_p2p_buffer_is_persistent(self) -> None:
@@ -339,6 +346,7 @@ class UncontrolledInputTest(unittest.TestCase):
             ln for ln in lowered.code.splitlines() if "= empty_strided_p2p(" in ln
         ]
         self.assertRegex(line, r"\(\(s\d+, s\d+\).*alloc_id=")
+        self.assertRegex(line, PERSISTENT_ALLOC_ID)  # one id for every size
 
     @levels(2)
     def test_inplace_collectives_compile_functionally(self) -> None:
