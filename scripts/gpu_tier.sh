@@ -30,10 +30,11 @@ build is taken to hold).
 
 Each run's full log goes to DIR/<run>.log (default build/gpu-tier: L<L>.log,
 cxx.log); the pytest summary lines are printed.  The last line is
-"P passed, F failed", counting runs; the exit status is 1 if any run failed or
-timed out, 3 with fewer than 2 CUDA GPUs.
+"P passed, F failed", counting runs (a level whose overlay cannot be built
+counts as failed); the exit status is 1 if any run failed or timed out, 2 on
+bad input, 3 with fewer than 2 CUDA GPUs.
 
-PY needs torch 2.11.0 (checked unless --installed), unidiff importable
+PY needs the pinned torch (PIN; checked unless --installed), unidiff importable
 (stack.py uses it for overlays), pytest and expecttest; nvcc for the C++ check
 (without it, that check skips).
 EOF
@@ -113,12 +114,16 @@ record() {
 
 for lvl in $LEVELS; do
     path="$BASE_PYTHONPATH"
+    logfile="$LOGS/L$lvl.log"
     if ((lvl > 0 && !INSTALLED)); then
-        overlay="$(PYTHONPATH="$BASE_PYTHONPATH" "$PY" "$STACK_PY" overlay --python "$PY" \
-            --upto "$lvl" --series-dir "$SERIES_DIR" | tail -n1)"
+        # a level whose overlay cannot be built fails; the others still run
+        if ! overlay="$(PYTHONPATH="$BASE_PYTHONPATH" "$PY" "$STACK_PY" overlay \
+            --python "$PY" --upto "$lvl" --series-dir "$SERIES_DIR" 2>"$logfile")"; then
+            record "L$lvl" "$logfile" 1
+            continue
+        fi
         path="$overlay${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}"
     fi
-    logfile="$LOGS/L$lvl.log"
     log "level $lvl: ${#FILES[@]} files on 2 ranks, timeout ${TIMEOUT}s, log $logfile"
     rc=0
     PYTHONPATH="$path" SYMM_STACK_LEVEL="$lvl" timeout "$TIMEOUT" \

@@ -9,6 +9,7 @@ FAKE_RC_CXX; it records the level, PYTHONPATH and arguments it saw.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -137,3 +138,24 @@ def test_a_failing_run_fails_the_whole(
     assert rc == 1, out
     assert f"{name} failed (exit 1)" in out
     assert out.rstrip().endswith(tally), out
+
+
+def test_a_level_without_overlay_fails_and_the_rest_run(
+    fake_python: Path, tmp_path: Path
+) -> None:
+    series = tmp_path / "series"
+    shutil.copytree(REPO / "patches", series)
+    (first,) = series.glob("0001-*.patch")
+    first.write_text("not a patch\n")
+    record = tmp_path / "record"
+    rc, out = gpu_tier(
+        "--python", fake_python, "--levels", "1 0", "--series-dir", series,
+        "--logs", tmp_path / "logs", FAKE_RECORD=str(record),
+    )  # fmt: skip
+    assert rc == 1, out
+    assert "L1 failed (exit 1)" in out
+    assert out.rstrip().endswith("2 passed, 1 failed"), out
+    # level 1 never reached torchrun; level 0 and the C++ check still ran
+    level0, cxx = record.read_text().splitlines()
+    assert level0.startswith("level=0 ") and cxx.startswith("cxx ")
+    assert (tmp_path / "logs" / "L1.log").read_text().strip()  # overlay's error
