@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -471,6 +472,36 @@ def test_nightly_gpu_job_is_optional_and_reported() -> None:
     assert "if: always()" in summary
     for word in ("passed", "FAILED", "unavailable"):
         assert word in summary
+
+
+def step_script(workflow: str, step: str) -> str:
+    "The `run: |` script of the step named ``step``, dedented"
+    match = re.search(
+        rf"(?ms)^( +)- name: {re.escape(step)}\n.*?^\1  run: \|\n(.*?)(?=^\1- |\n\n)",
+        workflow,
+    )
+    assert match, step
+    return textwrap.dedent(match.group(2))
+
+
+def test_nightly_plan_resolves_the_pin(tmp_path: Path) -> None:
+    # Run the plan job's Resolve step as Actions would, in the repository.
+    output, summary = tmp_path / "output", tmp_path / "summary"
+    run(
+        ["bash", "-c", step_script(NIGHTLY.read_text(), "Resolve")],
+        env={
+            "GITHUB_OUTPUT": str(output),
+            "GITHUB_STEP_SUMMARY": str(summary),
+            "DEFAULT_GPU_RUNNER_LABEL": "2-gpu",
+        },
+    )
+    outputs = dict(line.split("=", 1) for line in output.read_text().splitlines())
+    assert outputs["torch_commit"] == PIN["TORCH_GIT_COMMIT"]
+    assert outputs["python_version"] == PIN["PYTHON_VERSION"]
+    series = (REPO / "patches" / "series").read_text().split()
+    assert outputs["upto"] == str(len([n for n in series if n.endswith(".patch")]))
+    assert outputs["gpu_runner"] == "2-gpu"
+    assert PIN["TORCH_GIT_TAG"] in summary.read_text()
 
 
 @pytest.mark.parametrize("path", [CI, NIGHTLY], ids=lambda p: p.name)
