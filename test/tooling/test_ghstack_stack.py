@@ -504,6 +504,15 @@ def test_nightly_plan_resolves_the_pin(tmp_path: Path) -> None:
     assert PIN["TORCH_GIT_TAG"] in summary.read_text()
 
 
+def test_ci_reads_the_pin(tmp_path: Path) -> None:
+    output = tmp_path / "output"
+    run(
+        ["bash", "-c", step_script(CI.read_text(), "Read the pin")],
+        env={"GITHUB_OUTPUT": str(output)},
+    )
+    assert output.read_text() == f"python_version={PIN['PYTHON_VERSION']}\n"
+
+
 @pytest.mark.parametrize("path", [CI, NIGHTLY], ids=lambda p: p.name)
 def test_workflow_hardening(path: Path) -> None:
     text = path.read_text()
