@@ -220,6 +220,15 @@ def broken(stack_series: Path, tmp_path: Path, how: str) -> tuple[Path, list[str
         path = series / first
         path.write_text(path.read_text().replace("Summary:", "Overview:"))
         return series, [f"{first}: message has no 'Summary:' section"]
+    if how == "no-summary-not-canonical":
+        # the canonical-form check still runs on a patch with a bad message
+        path = series / first
+        text = path.read_text().replace("Summary:", "Overview:")
+        path.write_text(text.replace("Date: Wed, 1 Jan 2025", "Date: Thu, 2 Jan 2025"))
+        return series, [
+            f"{first}: message has no 'Summary:' section",
+            f"{first}: differs from what",
+        ]
     if how == "no-prefix":
         path = series / first
         path.write_text(
@@ -256,6 +265,7 @@ def broken(stack_series: Path, tmp_path: Path, how: str) -> tuple[Path, list[str
         "duplicate",
         "wrong-number",
         "no-summary",
+        "no-summary-not-canonical",
         "no-prefix",
         "does-not-apply",
         "whitespace",
