@@ -60,17 +60,23 @@ DRY_RUN=0
 GHSTACK_ARGS=()
 while (($#)); do
     case "$1" in
-        --source) SRC="${2:?--source needs a directory}"; shift 2 ;;
+        --source | --upto | --series-dir)
+            [[ $# -ge 2 && -n "$2" ]] || die 2 "$1 needs a value"
+            case "$1" in
+                --source) SRC="$2" ;;
+                --upto) UPTO="$2" ;;
+                --series-dir) SERIES_DIR="$2" ;;
+            esac
+            shift 2
+            ;;
         --source=*) SRC="${1#*=}"; shift ;;
-        --upto) UPTO="${2:?--upto needs a number}"; shift 2 ;;
         --upto=*) UPTO="${1#*=}"; shift ;;
-        --series-dir) SERIES_DIR="${2:?--series-dir needs a directory}"; shift 2 ;;
         --series-dir=*) SERIES_DIR="${1#*=}"; shift ;;
         --force) FORCE=1; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; GHSTACK_ARGS=("$@"); break ;;
-        *) echo "$PROG: unknown argument: $1" >&2; usage >&2; exit 2 ;;
+        *) die 2 "unknown argument '$1'; see --help" ;;
     esac
 done
 
@@ -86,19 +92,13 @@ PIN_COMMIT="$TORCH_GIT_COMMIT"
 [[ "$PIN_COMMIT" =~ ^[0-9a-f]{40}$ ]] ||
     die 2 "the pin's TORCH_GIT_COMMIT is '$PIN_COMMIT'; needs a 40-hex commit"
 
-if [[ -n "${GHSTACK:-}" ]]; then
-    GHSTACK_BIN="$GHSTACK"
-elif [[ -x "$ROOT/.venv/bin/ghstack" ]]; then
-    GHSTACK_BIN="$ROOT/.venv/bin/ghstack"
-else
-    GHSTACK_BIN="$(command -v ghstack || true)"
-fi
+PYTHON="$ROOT/.venv/bin/python"
+[[ -x "$PYTHON" ]] || PYTHON="$(command -v python3)" || die 3 "python3 not found"
+PY="$PYTHON"  # find_tool looks beside it, then on PATH
+GHSTACK_BIN="${GHSTACK:-$(find_tool ghstack || true)}"
 if ((DRY_RUN == 0)); then
     [[ -n "$GHSTACK_BIN" ]] || die 3 "ghstack not found (pip install ghstack, or set GHSTACK)"
 fi
-
-PYTHON="$ROOT/.venv/bin/python"
-[[ -x "$PYTHON" ]] || PYTHON="$(command -v python3)" || die 3 "python3 not found"
 
 g() { git -C "$SRC" "$@"; }
 

@@ -412,6 +412,21 @@ def test_refuses_a_checkout_that_is_not_at_the_pin(
     assert not log.exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--source"], "--source needs a value"),
+        (["--upto", ""], "--upto needs a value"),
+        (["--bogus"], "unknown argument '--bogus'"),
+        (["--source", "/nonexistent-dir"], "/nonexistent-dir is not a directory"),
+    ],
+)
+def test_bad_arguments_exit_2(args: list[str], message: str) -> None:
+    proc = run([str(SCRIPT), *args], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+
+
 def test_help_and_shellcheck() -> None:
     proc = run([str(SCRIPT), "--help"])
     assert "--dry-run" in proc.stdout and "--source" in proc.stdout
