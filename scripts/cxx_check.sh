@@ -11,12 +11,13 @@
 #   --tree DIR   DIR holds already patched sources at their PyTorch paths
 #                (DIR/torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory.cu,
 #                and normally the .hpp next to it).
-#   (default)    a temporary tree: vendor/pytorch's pinned-era .cu plus the
-#                wheel's CUDASymmetricMemory.hpp, then every patch listed in
-#                patches/series is applied to those two files
-#                (git apply --include=...).  Patches with no hunks for them
-#                are skipped; if none has any, the UNPATCHED sources are
-#                compiled and the script says so.
+#   (default)    a temporary tree: the pin as a git repo (`stack.py base`:
+#                the wheel's headers under torch/csrc plus vendor/pytorch's
+#                pinned-era .cu), with the whole series applied by
+#                `stack.py import` (git am).  If no patch changes the two
+#                files, the UNPATCHED sources are compiled and the script says
+#                so.  This needs the pinned torch for --python (otherwise:
+#                cannot run here).
 #
 # Flags mirror PyTorch's build of this file: -std=c++17 (the pinned build's
 # C++ standard), PyTorch's CUDA flags, -DPYTORCH_C10_DRIVER_API_SUPPORTED=1
@@ -51,7 +52,8 @@ Compile torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory.cu with nvcc
 against the installed torch's headers (nothing is linked or run).
 
 Options:
-  --python PY         Python whose torch provides the headers
+  --python PY         Python whose torch provides the headers; without
+                      --tree it must be the pinned torch
                       (default: .venv/bin/python, else python3)
   --tree DIR          directory holding the patched torch/csrc/... sources
                       (default: a temporary stack.py base tree — the wheel's
@@ -213,10 +215,15 @@ else
   # The patched tree is the repository's own: the pin as a git repo (wheel
   # headers under torch/csrc plus vendor/) with the series applied by git am.
   TREE="$WORK/base"
-  "$PY" "$ROOT/scripts/stack.py" base --python "$PY" --out "$TREE" ||
-    die_usage "stack.py base failed"
-  "$PY" "$ROOT/scripts/stack.py" import --base-dir "$TREE" --series-dir "$ROOT/patches" ||
-    die_usage "the series does not apply (stack.py import)"
+  "$PY" "$ROOT/scripts/stack.py" check-torch --python "$PY" >/dev/null ||
+    cannot_run "the default tree is made from the pinned torch; $PY's torch is not it"
+  rc=0
+  "$PY" "$ROOT/scripts/stack.py" base --python "$PY" --out "$TREE" || rc=$?
+  ((rc == 3)) && cannot_run "stack.py base: a tool it needs is missing (see above)"
+  ((rc == 0)) || die_usage "stack.py base failed (exit $rc)"
+  "$PY" "$ROOT/scripts/stack.py" import --base-dir "$TREE" --series-dir "$ROOT/patches" || rc=$?
+  ((rc == 3)) && cannot_run "stack.py import: a tool it needs is missing (see above)"
+  ((rc == 0)) || die_usage "the series does not apply (stack.py import, exit $rc)"
   if git -C "$TREE" diff --quiet pin-base HEAD -- "$CU_REL" "$HPP_REL"; then
     echo "cxx_check: NOTE: no patch in patches/series changes $CU_REL or $HPP_REL;" \
       "compiling the UNPATCHED sources"
