@@ -22,8 +22,9 @@ scripts/apply_and_build.sh does) and runs, reporting each step:
   3. pytest test/tooling (the toolchain's own tests)
   4. C++ compile check: scripts/cxx_check.sh --python PY (exit 3: cannot run
      here, reported as skipped)
-  5. the CPU tier of LoweringTest at every series level 0..N (N = patches in
-     the series): level 0 on the stock pin, level L on overlay L
+  5. the CPU tier (every test/distributed/test_symm_mem_*_cpu.py) at every
+     series level 0..N (N = patches in the series): level 0 on the stock pin,
+     level L on overlay L
 
 The last line is "P passed, F failed", counting steps; the exit status is 1 if
 any step failed or none passed.  A skipped step (tool or file not there yet)
