@@ -31,26 +31,26 @@ class CodeStats:
             buffer_names=len(set(re.findall(r"\bbuf\d+\b", body))),
             reuses=len(re.findall(r"# reuse\b", body)),
             out_calls=len(re.findall(r"\bout=buf\d+", body)),
-            p2p_allocs=len(re.findall(r"= empty_strided_p2p\(", body)),
+            p2p_allocs=len(re.findall(P2P_ALLOC_RE, body)),
             plain_allocs=len(re.findall(r"= empty_strided_cuda\(", body)),
         )
 
 
 # What the checks count in generated wrapper code.
 TRITON_KERNEL = "@triton.jit"  # one per generated Triton kernel (identity copies too)
-P2P_ALLOC = "= empty_strided_p2p("  # one per P2P allocation
-# The end of a P2P allocation line (see p2p_alloc_lines) of static size: one
-# persistent allocation per graph and buffer.
-PERSISTENT_ALLOC_ID = r"alloc_id=\d+\)$"
-# ... and of symbolic size (series level 2 and up): one persistent allocation
-# per concrete size, its alloc_id hashed at run time from the buffer's id and
-# its sizes and strides.
-PER_SIZE_ALLOC_ID = r"alloc_id=hash\(\(\d+, \(.*\), \(.*\)\)\) % 2\*\*64\)$"
+# One per P2P allocation site: from patch 1/5 on, a site of the module's
+# `p2p_buffers` (Note [P2P buffers of a compiled module]), of static or of
+# symbolic size; at the pin, an `empty_strided_p2p` call with an alloc_id.
+P2P_ALLOC = "= p2p_buffers."
+P2P_STATIC = "= p2p_buffers.static("
+P2P_DYNAMIC = "= p2p_buffers.dynamic("
+PIN_P2P_ALLOC = "= empty_strided_p2p("
+P2P_ALLOC_RE = r"= (?:empty_strided_p2p|p2p_buffers\.(?:static|dynamic))\("
 
 
 def p2p_alloc_lines(code: str) -> list[str]:
     "Every P2P allocation line of ``code``, stripped"
-    return [ln.strip() for ln in code.splitlines() if P2P_ALLOC in ln]
+    return [ln.strip() for ln in code.splitlines() if re.search(P2P_ALLOC_RE, ln)]
 
 
 def check_counts(code: str, counts: dict[str, int]) -> None:

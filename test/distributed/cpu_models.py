@@ -75,9 +75,6 @@ GRAPH_INPUT_CASES = [
         [((64, 32), BF16)],
         symm_mem.multimem_one_shot_all_reduce_out.default,
     ),
-    (
-        graph_input_copy,
-        [((64, 32), BF16)] * 2,
-        symm_mem.one_shot_all_reduce_copy_out.default,
-    ),
 ]
+# (one_shot_all_reduce_copy's `symm_buffer` is scratch from patch 2/5 on:
+# nothing of the graph input is copied into P2P memory, see the scratch tests.)

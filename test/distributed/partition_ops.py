@@ -102,7 +102,9 @@ def functions(code: str) -> dict[str, str]:
 
 
 def allocates(body: str, name: str) -> bool:
-    pattern = rf"^\s*{name} = empty_strided_(cuda|p2p)\("
+    pattern = (
+        rf"^\s*{name} = (empty_strided_(cuda|p2p)|p2p_buffers\.(static|dynamic))\("
+    )
     return re.search(pattern, body, re.M) is not None
 
 

@@ -28,8 +28,8 @@ from torch._inductor.virtualized import V
 sys.path.insert(0, str(Path(__file__).parent))
 
 from code_stats import (  # noqa: E402
-    PER_SIZE_ALLOC_ID,
-    PERSISTENT_ALLOC_ID,
+    P2P_DYNAMIC,
+    P2P_STATIC,
     p2p_alloc_lines,
 )
 from cpu_models import (  # noqa: E402
@@ -110,13 +110,13 @@ class AllocatorTypeTest(unittest.TestCase):
         self.assertNotIn("allocator", str(_layout()))
         self.assertIn("allocator=symm_mem(group_name='0')", str(_layout(self.symm)))
 
-    def test_equality_and_hash(self) -> None:
+    def test_equality_ignores_the_allocator(self) -> None:
+        # Layouts that differ only in their allocator compare (and hash)
+        # equal: comparisons of layouts (template layout checks, buffer
+        # reuse keys) see a comm buffer as the FixedLayout it is.
         plain, symm = _layout(), _layout(self.symm)
-        self.assertNotEqual(plain, symm)
-        self.assertNotEqual(symm, _layout(ir.AllocatorType.symm_mem("other")))
-        self.assertEqual(symm, _layout(self.symm))
-        self.assertEqual(hash(symm), hash(_layout(self.symm)))
-        self.assertEqual(len({plain, symm, _layout(self.symm)} - {plain}), 1)
+        self.assertEqual(plain, symm)
+        self.assertEqual(hash(plain), hash(symm))
 
     def test_as_fixed(self) -> None:
         flexible = _layout(self.symm, cls=ir.FlexibleLayout)
@@ -162,7 +162,7 @@ class AllocatorTypeTest(unittest.TestCase):
             with self.subTest(source=str(source)):
                 comm = ir.CommBufferLayout(source, ir.CommBufferType.SYMM_MEM, GROUP)
                 self.assertEqual(comm.allocator, self.symm)
-                self.assertNotEqual(comm, _layout())
+                self.assertEqual(comm, _layout())
         with self.assertRaisesRegex(AssertionError, "allocator"):
             ir.CommBufferLayout(
                 _layout(ir.AllocatorType.symm_mem("other")),
@@ -192,7 +192,7 @@ class InputPathTest(unittest.TestCase):
         reuse = re.search(rf"{name} = (buf\d+); del \1  # reuse", body)
         if reuse is None:
             (alloc,) = allocs
-            self.assertRegex(alloc, PERSISTENT_ALLOC_ID)
+            self.assertIn(P2P_STATIC, alloc)
             made_at = body.index(alloc)
         else:
             self.assertEqual(allocs, [])
@@ -226,7 +226,7 @@ class InputPathTest(unittest.TestCase):
         self.assertEqual(lowered.code.count(".copy_("), 2)
         # the second staging buffer reuses the first: one P2P allocation
         (alloc,) = p2p_alloc_lines(lowered.code)
-        self.assertRegex(alloc, PERSISTENT_ALLOC_ID)
+        self.assertIn(P2P_STATIC, alloc)
         # only the final add is a kernel
         self.assertEqual(lowered.code.count("@triton.jit"), 1)
 
@@ -240,7 +240,7 @@ class InputPathTest(unittest.TestCase):
         self.assertIn("@triton.jit", lowered.code)
         self.assertNotIn(".copy_(", lowered.code)
         (alloc,) = p2p_alloc_lines(lowered.code)
-        self.assertRegex(alloc, PER_SIZE_ALLOC_ID)
+        self.assertIn(P2P_DYNAMIC, alloc)
 
     def test_view_of_graph_input_takes_identity_copy(self) -> None:
         lowered = lower(graph_input_view, [((64, 32), BF16)])
@@ -284,27 +284,6 @@ class InputPathTest(unittest.TestCase):
         self.assertTrue(is_identity_copy_of(lowered, buf, lowered.input_name(0)))
         assert lowered.code is not None
         self.assertEqual(lowered.code.count("@triton.jit"), 1)
-
-    def test_staging_a_symbolic_input_explicitly_raises(self) -> None:
-        from torch._inductor.comm_lowering import stage_graph_input_in_comm_buffer
-
-        for fn, dynamic in [(graph_input_one_shot, True), (graph_input_view, False)]:
-            with self.subTest(fn=fn.__name__, dynamic=dynamic):
-                lowered = lower(fn, [((64, 32), BF16)], codegen=False, dynamic=dynamic)
-                name = lowered.input_name(0)
-                box = lowered.graph.graph_inputs[name]
-                if fn is graph_input_view:
-                    with V.set_graph_handler(lowered.graph):
-                        box = ir.TensorBox(ir.SliceView.create(box.data, 1, 0, 16))
-                with V.set_graph_handler(lowered.graph):
-                    with self.assertRaisesRegex(
-                        ValueError,
-                        rf"cannot stage {name} .*static.*symbolic shapes need the "
-                        r"identity copy",
-                    ):
-                        stage_graph_input_in_comm_buffer(
-                            box, ir.CommBufferType.SYMM_MEM, GROUP
-                        )
 
     def test_mutated_graph_input_is_staged_and_written_back(self) -> None:
         lowered = lower(graph_input_tile_reduce, [((64, 32), BF16)] * 2)

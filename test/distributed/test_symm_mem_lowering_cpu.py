@@ -8,25 +8,26 @@ changes, so they fail if the harness stops reproducing it.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import subprocess
 import sys
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch._inductor import ir
+from torch.testing import FileCheck
 
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from code_stats import (  # noqa: E402
     P2P_ALLOC,
-    PER_SIZE_ALLOC_ID,
-    PERSISTENT_ALLOC_ID,
+    P2P_DYNAMIC,
+    P2P_STATIC,
+    PIN_P2P_ALLOC,
     TRITON_KERNEL,
     CodeStats,
     check_counts,
@@ -42,6 +43,9 @@ from cpu_models import (  # noqa: E402
     one_shot,
     symm_mem,
 )
+from cpu_models import (
+    graph_input_copy as cpu_models_graph_input_copy,
+)
 from inductor_harness import (  # noqa: E402
     GROUP,
     Lowered,
@@ -49,8 +53,11 @@ from inductor_harness import (  # noqa: E402
     is_identity_copy_of,
     lower,
 )
-from stack_level import levels  # noqa: E402
+from stack_level import holds, levels  # noqa: E402
 
+
+# what a P2P allocation site looks like at this level
+P2P = P2P_ALLOC if holds(1) else PIN_P2P_ALLOC
 
 EIGHT_LAYER_INPUTS = [((128, 4096), BF16)] + [((4096, 4096), BF16)] * 8
 
@@ -104,7 +111,7 @@ class OutVariantLoweringTest(unittest.TestCase):
                 self.assertEqual(comm_layout_names(lowered), [inp.get_name()])
                 self.assertFalse(lowered.ops(ir.FallbackKernel))
 
-    @levels(1)
+    @levels(1, 1)
     def test_copy_variant_keeps_semantics(self) -> None:
         lowered = lower(
             one_shot_copy, [((64, 32), BF16), ((64, 32), BF16)], codegen=False
@@ -280,16 +287,16 @@ class UncontrolledInputTest(unittest.TestCase):
                     is_identity_copy_of(lowered, p2p, lowered.input_name(0))
                 )
                 assert lowered.code is not None
-                check_counts(lowered.code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})
+                check_counts(lowered.code, {P2P: 1, TRITON_KERNEL: 1})
 
-    @levels(2)
+    @levels(1)
     def test_p2p_producer_is_not_an_inplace_update(self) -> None:
         # The kernel writing a P2P buffer must read its real input: an
         # in-place update (in_out_ptr) would read the fresh P2P buffer.
-        for fn, inputs in [
-            (relu_of_mm, [((64, 128), BF16), ((128, 32), BF16)]),
-            (custom_op_output, [((64, 32), BF16)]),
-        ]:
+        cases = [(relu_of_mm, [((64, 128), BF16), ((128, 32), BF16)])]
+        if holds(2):  # a fallback output is copied into P2P from patch 2 on
+            cases.append((custom_op_output, [((64, 32), BF16)]))
+        for fn, inputs in cases:
             with self.subTest(fn=fn.__name__):
                 lowered = lower(fn, inputs)
                 assert lowered.code is not None
@@ -299,27 +306,27 @@ class UncontrolledInputTest(unittest.TestCase):
                     lowered.code, rf"triton_\w+\.run\(buf\d+, {p2p.get_name()}, "
                 )
 
-    @levels(0, 1)
+    @levels(0, 0)
     def test_pin_p2p_producer_is_an_inplace_update(self) -> None:
         lowered = lower(relu_of_mm, [((64, 128), BF16), ((128, 32), BF16)])
         assert lowered.code is not None
         self.assertIn("in_out_ptr0", lowered.code)
 
     @levels(2)
-    def test_dynamic_graph_input_gets_fresh_p2p_buffer(self) -> None:
+    def test_dynamic_graph_input_gets_a_dynamic_p2p_site(self) -> None:
         lowered = lower(graph_input_one_shot, [((64, 32), BF16)], dynamic=True)
         p2p = self._only_p2p(lowered)
         self.assertTrue(
             is_identity_copy_of(lowered, p2p, lowered.input_name(0)), str(p2p)
         )
         assert lowered.code is not None
-        (line,) = [
-            ln for ln in lowered.code.splitlines() if "= empty_strided_p2p(" in ln
-        ]
-        # One persistent allocation per size: the alloc_id hashes the sizes.
-        self.assertRegex(line, PER_SIZE_ALLOC_ID)
+        # one growing buffer for every size, never an alloc_id
+        check_counts(lowered.code, {P2P_DYNAMIC: 1, P2P_STATIC: 0, "alloc_id": 0})
+        FileCheck().check(f"{p2p.get_name()} = p2p_buffers.dynamic(0, (s").check(
+            "keep_replaced=False)"
+        ).run(lowered.code)
 
-    @levels(2)
+    @levels(1)
     def test_dynamic_inductor_buffer_becomes_p2p_without_copy(self) -> None:
         lowered = lower(
             mm_one_shot, [((64, 128), BF16), ((128, 32), BF16)], dynamic=True
@@ -328,13 +335,20 @@ class UncontrolledInputTest(unittest.TestCase):
         # the mm writes the P2P buffer itself: no identity copy, no kernel
         self.assertIsInstance(p2p, ir.ExternKernelOut)
         assert lowered.code is not None
-        self.assertNotIn("@triton.jit", lowered.code)
-        (line,) = [
-            ln for ln in lowered.code.splitlines() if "= empty_strided_p2p(" in ln
-        ]
-        self.assertRegex(line, PER_SIZE_ALLOC_ID)
+        check_counts(lowered.code, {TRITON_KERNEL: 0, P2P_DYNAMIC: 1, P2P_STATIC: 0})
 
-    @levels(0, 1)
+    @levels(1)
+    def test_dynamic_site_keeps_replaced_buffers_under_cudagraphs(self) -> None:
+        with torch._inductor.config.patch({"triton.cudagraphs": True}):
+            lowered = lower(
+                mm_one_shot, [((64, 128), BF16), ((128, 32), BF16)], dynamic=True
+            )
+        assert lowered.code is not None
+        FileCheck().check("= p2p_buffers.dynamic(").check_same(
+            "keep_replaced=True)"
+        ).run(lowered.code)
+
+    @levels(0, 0)
     def test_pin_dynamic_p2p_buffer_is_persistent(self) -> None:
         # Stock torch gives a symbolic-size P2P buffer a persistent alloc_id,
         # which fails at run time as soon as the size changes.
@@ -342,11 +356,8 @@ class UncontrolledInputTest(unittest.TestCase):
             mm_one_shot, [((64, 128), BF16), ((128, 32), BF16)], dynamic=True
         )
         assert lowered.code is not None
-        (line,) = [
-            ln for ln in lowered.code.splitlines() if "= empty_strided_p2p(" in ln
-        ]
-        self.assertRegex(line, r"\(\(s\d+, s\d+\).*alloc_id=")
-        self.assertRegex(line, PERSISTENT_ALLOC_ID)  # one id for every size
+        (line,) = [ln for ln in lowered.code.splitlines() if PIN_P2P_ALLOC in ln]
+        self.assertRegex(line, r"\(\(s\d+, s\d+\).*alloc_id=\d+\)$")
 
     @levels(2)
     def test_inplace_collectives_compile_functionally(self) -> None:
@@ -370,7 +381,7 @@ class UncontrolledInputTest(unittest.TestCase):
         out = reduce_scatter.inputs[1]
         self.assertNotIsInstance(out.get_output_spec(), ir.CommBufferLayout)
         assert lowered.code is not None
-        self.assertEqual(lowered.code.count("= empty_strided_p2p("), 2)
+        check_counts(lowered.code, {P2P_ALLOC: 2})
 
     @levels(2)
     def test_functional_forms_lowered_without_importing_symm_mem(self) -> None:
@@ -409,61 +420,207 @@ class UncontrolledInputTest(unittest.TestCase):
         self.assertRegex(after, rf"\b{lowered.input_name(1)}\b")
 
 
-def _alloc_ids(code: str) -> list[int]:
-    import re
-
-    return [int(m) for m in re.findall(r"alloc_id=(\d+)\)", code)]
-
-
-def _ids_of_fresh_lowering(size: int) -> list[int]:
-    # dynamo saves and restores Python's `random` state around every compile;
-    # seeding here reproduces what two compiled graphs see.
-    random.seed(1234)
-    lowered = lower(one_shot, [((size, 32), BF16)])
-    assert lowered.code is not None
-    return _alloc_ids(lowered.code)
+def returned_names(code: str) -> list[str]:
+    "The names in the `return (...)` of the wrapper's `call`"
+    body = code[code.index("def call(self, args):") :]
+    ret = body[body.index("        return (") :].splitlines()[0]
+    return re.findall(r"\bbuf\d+\b", ret)
 
 
-class AllocIdTest(unittest.TestCase):
-    """[1/5] P2P alloc ids: equal across ranks, distinct across graphs."""
+def mm_returned_and_reduced(
+    x: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y = x @ w
+    return y, symm_mem.one_shot_all_reduce(y, "sum", GROUP)
+
+
+def mm_view_returned_and_reduced(
+    x: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y = x @ w
+    return y.view(32, 64), symm_mem.one_shot_all_reduce(y, "sum", GROUP)
+
+
+def two_live_p2p_buffers(
+    x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a, b = x * 2, y * 3
+    ra = symm_mem.one_shot_all_reduce(a, "sum", GROUP)
+    rb = symm_mem.one_shot_all_reduce(b, "sum", GROUP)
+    return ra, rb, a + b
+
+
+class P2PBuffersCodegenTest(unittest.TestCase):
+    """[1/5] P2P buffers belong to the compiled module: Note [P2P buffers of a
+    compiled module]."""
 
     @levels(1)
-    def test_distinct_across_graphs_in_one_process(self) -> None:
-        a = _ids_of_fresh_lowering(64)
-        b = _ids_of_fresh_lowering(128)
-        c = _ids_of_fresh_lowering(64)  # same graph compiled again
-        self.assertEqual(len(a), 1)
-        self.assertEqual(len(set(a + b + c)), 3, (a, b, c))
+    def test_sites_of_the_module_no_alloc_id(self) -> None:
+        lowered = lower(two_live_p2p_buffers, [((64, 32), BF16)] * 2)
+        assert lowered.code is not None
+        check_counts(
+            lowered.code,
+            {
+                "from torch._inductor.runtime.p2p_buffers import P2PBuffers": 1,
+                "p2p_buffers = P2PBuffers()": 1,
+                "alloc_id": 0,
+                PIN_P2P_ALLOC: 0,
+            },
+        )
+        # the header declares the buffers before `call` uses site 0, then 1
+        site = 'p2p_buffers.static({}, (64, 32), (32, 1), torch.bfloat16, {}, "0")'
+        device = 'torch.device("cuda:0")'
+        FileCheck().check("p2p_buffers = P2PBuffers()").check("def call(").check(
+            site.format(0, device)
+        ).check(site.format(1, device)).run(lowered.code)
+
+    @levels(1)
+    def test_no_p2p_buffers_without_comm_buffers(self) -> None:
+        # A graph with no symm_mem op: its wrapper is the stock one.
+        lowered = lower(lambda x: x * 2, [((64, 32), BF16)])
+        assert lowered.code is not None
+        check_counts(lowered.code, {"p2p_buffers": 0, "P2PBuffers": 0})
 
     @levels(0, 0)
-    def test_pin_reuses_ids_after_random_reset(self) -> None:
-        self.assertEqual(_ids_of_fresh_lowering(64), _ids_of_fresh_lowering(128))
+    def test_pin_bakes_random_alloc_ids_into_the_code(self) -> None:
+        lowered = lower(one_shot, [((64, 32), BF16)])
+        assert lowered.code is not None
+        FileCheck().check(PIN_P2P_ALLOC).check_same("alloc_id=").run(lowered.code)
 
     @levels(1)
-    def test_equal_across_processes(self) -> None:
-        # Two "ranks": separate processes compiling the same graphs in the
-        # same order must agree on every id.
-        here = str(Path(__file__).parent)
-        script = (
-            f"import json, sys; sys.path.insert(0, {here!r});"
-            "import test_symm_mem_lowering_cpu as t;"
-            "print(json.dumps([t._ids_of_fresh_lowering(64),"
-            " t._ids_of_fresh_lowering(128)]))"
-        )
-        runs = [
-            subprocess.run(
-                [sys.executable, "-c", script],
-                check=True,
-                capture_output=True,
-                text=True,
-                env=dict(os.environ, PYTHONHASHSEED=str(seed)),
+    def test_graph_output_that_is_a_p2p_buffer_is_copied(self) -> None:
+        for fn in (mm_returned_and_reduced, mm_view_returned_and_reduced):
+            with self.subTest(fn=fn.__name__):
+                lowered = lower(fn, [((64, 32), BF16), ((32, 32), BF16)])
+                (p2p,) = comm_layout_names(lowered)
+                assert lowered.code is not None
+                # the op reads the P2P buffer, a copy of it is returned
+                FileCheck().check(f"{p2p} = p2p_buffers.static(").check(
+                    f"one_shot_all_reduce_out.default({p2p}, "
+                ).check(f".run({p2p}, buf").check("return (").run(lowered.code)
+                self.assertNotIn(p2p, returned_names(lowered.code))
+                self.assertNotIn("in_out_ptr", lowered.code)
+
+    @levels(0, 0)
+    def test_pin_returns_the_p2p_buffer(self) -> None:
+        lowered = lower(mm_returned_and_reduced, [((64, 32), BF16), ((32, 32), BF16)])
+        (p2p,) = comm_layout_names(lowered)
+        assert lowered.code is not None
+        self.assertIn(p2p, returned_names(lowered.code))
+
+
+class P2PBuffersRuntimeTest(unittest.TestCase):
+    """[1/5] `P2PBuffers`, with a CPU stand-in for the symmetric allocator
+    (the GPU tier runs it on `empty_strided_p2p`)."""
+
+    def setUp(self) -> None:
+        from torch._inductor.runtime import p2p_buffers
+
+        self.allocations: list[torch.Tensor] = []
+
+        def allocate(
+            size: tuple[int, ...],
+            stride: tuple[int, ...],
+            dtype: torch.dtype,
+            device: str,
+            group_name: str,
+        ) -> torch.Tensor:
+            self.assertEqual((device, group_name), ("cpu", GROUP))
+            buf = torch.empty_strided(size, stride, dtype=dtype)
+            self.allocations.append(buf)
+            return buf
+
+        patcher = mock.patch.object(p2p_buffers, "_allocate", allocate)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.buffers = p2p_buffers.P2PBuffers()
+
+    @levels(1)
+    def test_static_site_allocates_once(self) -> None:
+        a = self.buffers.static(0, (4, 8), (8, 1), BF16, "cpu", GROUP)
+        b = self.buffers.static(0, (4, 8), (8, 1), BF16, "cpu", GROUP)
+        c = self.buffers.static(1, (4, 8), (8, 1), BF16, "cpu", GROUP)
+        self.assertIs(a, b)
+        self.assertIsNot(a, c)
+        self.assertEqual(len(self.allocations), 2)
+
+    def _held_bytes(self) -> int:
+        held = [t for ts in self.buffers._dynamic.values() for t in ts]
+        return sum(t.untyped_storage().nbytes() for t in held)
+
+    @levels(1)
+    def test_dynamic_site_holds_under_twice_the_largest_size(self) -> None:
+        sizes = [(n, 96) for n in random.Random(0).sample(range(1, 5000), 100)]
+        largest = 0
+        for rows, cols in sizes:
+            view = self.buffers.dynamic(
+                0, (rows, cols), (cols, 1), BF16, "cpu", GROUP, keep_replaced=False
             )
-            .stdout.strip()
-            .splitlines()[-1]
-            for seed in (1, 2)
-        ]
-        self.assertEqual(json.loads(runs[0]), json.loads(runs[1]))
-        self.assertNotEqual(json.loads(runs[0])[0], json.loads(runs[0])[1])
+            self.assertEqual((view.shape, view.stride()), ((rows, cols), (cols, 1)))
+            largest = max(largest, rows * cols * 2)
+            self.assertLess(self._held_bytes(), 2 * largest)
+        # grows by powers of two: a few allocations, not one per size
+        self.assertLessEqual(len(self.allocations), 14)
+
+    @levels(1)
+    def test_dynamic_site_under_cudagraphs_keeps_what_it_replaced(self) -> None:
+        largest = 0
+        views = []
+        for rows in range(1, 3000, 37):
+            views.append(
+                self.buffers.dynamic(
+                    0, (rows, 64), (64, 1), BF16, "cpu", GROUP, keep_replaced=True
+                )
+            )
+            largest = max(largest, rows * 64 * 2)
+            self.assertLess(self._held_bytes(), 4 * largest)
+        # every allocation a recorded graph may use is still held
+        held = {
+            t.untyped_storage().data_ptr()
+            for ts in self.buffers._dynamic.values()
+            for t in ts
+        }
+        self.assertTrue({v.untyped_storage().data_ptr() for v in views} <= held)
+
+    @levels(1)
+    def test_dynamic_site_of_size_zero(self) -> None:
+        view = self.buffers.dynamic(
+            0, (0, 8), (8, 1), BF16, "cpu", GROUP, keep_replaced=False
+        )
+        self.assertEqual(view.shape, (0, 8))
+
+
+class ScratchSymmBufferTest(unittest.TestCase):
+    """[2/5] one_shot_all_reduce_copy's `symm_buffer` is scratch."""
+
+    @levels(2)
+    def test_symm_buffer_is_a_fresh_p2p_buffer(self) -> None:
+        lowered = lower(
+            cpu_models_graph_input_copy, [((64, 32), BF16), ((64, 32), BF16)]
+        )
+        (node,) = lowered.by_op(symm_mem.one_shot_all_reduce_copy_out.default)
+        scratch, local_input = node.inputs
+        self.assertIsInstance(scratch.get_output_spec(), ir.CommBufferLayout)
+        # nothing is copied into it: it is written by the op alone
+        self.assertFalse(lowered.reads(scratch))
+        self.assertEqual(local_input.get_name(), lowered.input_name(1))
+        assert lowered.code is not None
+        check_counts(lowered.code, {TRITON_KERNEL: 0, P2P_STATIC: 1, ".copy_(": 0})
+        FileCheck().check(f"{scratch.get_name()} = p2p_buffers.static(").check(
+            f"one_shot_all_reduce_copy_out.default({scratch.get_name()}, "
+            f"{lowered.input_name(1)}, 'sum', '0', out="
+        ).run(lowered.code)
+
+    @levels(0, 1)
+    def test_pin_symm_buffer_is_the_callers_value(self) -> None:
+        lowered = lower(one_shot_copy, [((64, 32), BF16), ((64, 32), BF16)])
+        (node,) = lowered.by_op(
+            symm_mem.one_shot_all_reduce_copy_out.default
+            if holds(1)
+            else symm_mem.one_shot_all_reduce_copy.default
+        )
+        # x * 2 is computed into the P2P buffer, and the op overwrites it
+        self.assertTrue(lowered.reads(node.inputs[0]))
 
 
 if __name__ == "__main__":

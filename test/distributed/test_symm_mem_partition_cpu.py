@@ -136,18 +136,16 @@ class HoistRegionOutputTest(unittest.TestCase):
         self.assertIn("extern_kernels.mm(", fns["partition_0"])
 
     @levels(4)
-    def test_p2p_region_output_allocated_in_prior_partition(self) -> None:
+    def test_p2p_region_output_is_not_hoisted(self) -> None:
+        # A P2P buffer keeps its address on every call anyway, and hoisted it
+        # would be an output of a CUDA-graph partition (Note [P2P buffers
+        # under CUDA graph trees]): it stays in the region.
         code, fns = generate(mm_unsafe_one_shot_mm, MM_INPUTS)
         self.assertEqual(sorted(fns), ["call", "partition_0", "partition_1"])
         (buf,) = unsafe_outs(fns["call"])
-        self.assert_hoisted(code, fns, buf, "partition_0")
-        self.assertRegex(
-            fns["partition_0"],
-            rf"{buf} = empty_strided_p2p\(.*alloc_id=\d+\)",
-        )
-        self.assertRegex(
-            fns["partition_1"], rf"one_shot_all_reduce_out\.default\({buf}, 'sum'"
-        )
+        self.assertRegex(fns["call"], rf"{buf} = p2p_buffers\.static\(")
+        self.assertFalse(allocates(fns["partition_0"], buf))
+        self.assertNotIn(buf, returned(fns["partition_0"]))
 
     @levels(4)
     def test_region_after_all_reduce(self) -> None:
@@ -188,7 +186,7 @@ class HoistRegionOutputTest(unittest.TestCase):
         code, fns = generate(mm_unsafe_one_shot_mm, MM_INPUTS, dynamic=True)
         (buf,) = unsafe_outs(fns["call"])
         self.assertTrue(allocates(fns["call"], buf), fns["call"])
-        self.assertNotIn("empty_strided_p2p", fns["partition_0"])
+        self.assertFalse(allocates(fns["partition_0"], buf))
 
 
 class PinRegionAllocatesTest(unittest.TestCase):
@@ -213,12 +211,27 @@ class PinRegionAllocatesTest(unittest.TestCase):
                 (buf,) = unsafe_outs(fns["call"])
                 self.assert_in_region(fns, buf)
 
-    @levels(2, 3)
-    def test_pin_region_allocates_its_p2p_output(self) -> None:
+    @levels(2)
+    def test_region_allocates_its_p2p_output(self) -> None:
         code, fns = generate(mm_unsafe_one_shot_mm, MM_INPUTS)
         (buf,) = unsafe_outs(fns["call"])
         self.assert_in_region(fns, buf)
-        self.assertRegex(fns["call"], rf"{buf} = empty_strided_p2p\(")
+        self.assertRegex(fns["call"], rf"{buf} = p2p_buffers\.static\(")
+
+    @levels(3)
+    def test_p2p_region_output_is_a_static_input_of_the_next_partition(
+        self,
+    ) -> None:
+        # [3/5] Inductor knows the region's output is its own P2P buffer.
+        with partitioned():
+            lowered = lower(mm_unsafe_one_shot_mm, MM_INPUTS)
+        assert lowered.code is not None and lowered.graph.partition_maps
+        (buf,) = unsafe_outs(functions(lowered.code)["call"])
+        first, second = lowered.graph.partition_maps
+        args = partition_args(functions(lowered.code)["partition_1"])
+        self.assertEqual(first.comm_buffer_input_idxs, [])
+        self.assertEqual(second.comm_buffer_input_idxs, [args.index(buf)])
+        self.assertIsNone(lowered.graph.disable_cudagraphs_reason)
 
     @levels(0, 3)
     def test_pin_two_regions(self) -> None:
