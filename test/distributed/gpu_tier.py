@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,10 @@ class SymmMemTestCase(MultiProcContinuousTest):
     """One worker per visible CUDA GPU (``world_size`` is left at its default:
     ``torch.cuda.device_count()``), NCCL process group.  Without a CUDA GPU
     every test skips ("No cuda devices available")."""
+
+    # The process group's timeout (upstream's default is 120 s): a rank may
+    # wait at a barrier while its peer compiles.
+    timeout = timedelta(seconds=300)
 
     @classmethod
     def backend_str(cls) -> str:
