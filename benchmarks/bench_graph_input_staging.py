@@ -1,10 +1,10 @@
 """Cost of getting a graph input into symmetric memory for one_shot_all_reduce.
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/bench_graph_input_staging.py
+    torchrun --standalone --nproc-per-node 1 benchmarks/bench_graph_input_staging.py
 
-One run on 2 GPUs, bf16 inputs of 1 MB and 64 MB; rank 0 prints a table of
-median step times (CUDA events around `--steps` back-to-back steps, median of
-`--repeats`).  Rows:
+One run on the torchrun ranks (one per GPU, 1 or more: --nproc-per-node), bf16
+inputs of 1 MB and 64 MB; rank 0 prints a table of median step times (CUDA
+events around `--steps` back-to-back steps, median of `--repeats`).  Rows:
   compiled, staged (path 2)   torch.compile(one_shot_all_reduce(x)) on a static
                               graph input: patch 5's persistent P2P staging
                               buffer filled by `copy_` on every call;
@@ -151,7 +151,7 @@ def table(rows: list[dict[str, Any]]) -> None:
     level = os.environ.get("SYMM_STACK_LEVEL", "?")
     print(
         f"device: {torch.cuda.get_device_name()}  torch: {torch.__version__}  "
-        f"SYMM_STACK_LEVEL={level}"
+        f"SYMM_STACK_LEVEL={level}  world size: {os.environ.get('WORLD_SIZE', '?')}"
     )
     print(f"{'size':<6} {'config':<28} {'step_us':>10} {'host_us':>10}  notes")
     for row in rows:

@@ -1,6 +1,6 @@
-"""Benchmark of the 8-layer mm -> all-reduce model, under torchrun on 2 GPUs.
+"""Benchmark of the 8-layer mm -> all-reduce model, under torchrun, one rank per GPU.
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/bench_symm_mem.py \
+    torchrun --standalone --nproc-per-node 1 benchmarks/bench_symm_mem.py \
         --label level1 --json build/bench-level1.json
     python benchmarks/bench_symm_mem.py --table \
         build/bench-level0.json build/bench-level1.json
@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "label": args.label,
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
+        "world_size": dist.get_world_size(),
         "rows": {},
     }
     for name, fn, mode in CONFIGS:
@@ -188,7 +189,12 @@ def table(paths: list[str]) -> None:
         "host_us",
         "gpu_us",
     ]
-    print(f"device: {runs[0]['device']}  torch: {runs[0]['torch']}")
+    # runs of another world size are not comparable: say it per run
+    world = {run_.get("world_size", "?") for run_ in runs}
+    print(
+        f"device: {runs[0]['device']}  torch: {runs[0]['torch']}  "
+        f"world size: {', '.join(map(str, sorted(world, key=str)))}"
+    )
     print(f"{'run':<10} {'config':<22} " + " ".join(f"{c:>12}" for c in cols))
     base = runs[0]["rows"].get("symm default", {}).get("step_us")
     for run_ in runs:

@@ -1,6 +1,6 @@
 """Soak the 8-layer mm -> one_shot_all_reduce model under CUDA graph trees.
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/soak_cudagraphs.py \
+    torchrun --standalone --nproc-per-node 1 benchmarks/soak_cudagraphs.py \
         [--calls 1000] [--warmup 3]
 
 After warm-up (CUDA graph recorded), runs a fixed number of calls with new

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU tier of every patch, level by level, on 2 CUDA GPUs.  `--help` says more.
+# The GPU tier of every patch, level by level, on the visible CUDA GPUs (1 or
+# more).  `--help` says more.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -14,25 +15,33 @@ Usage: scripts/gpu_tier.sh [--python PY] [--levels "L ..."] [--installed]
                            [-- PYTEST_ARGS...]
 
 For each level L (default: 0 1 .. N, N = patches in the series), runs
-  torchrun --standalone --nproc-per-node 2 -m pytest -v -rs \
+  PY -m pytest -v -rfEs \
       test/distributed/test_symm_mem_{lowering,cudagraphs,partition,allocator}.py
 on `PY` (default python3, used as it is: nothing is installed) with the
 overlay of patches 1..L (`stack.py overlay`, under build/overlay) on
 PYTHONPATH and SYMM_STACK_LEVEL=L, under `timeout S` (default 300) per level,
 with NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-NVSHMEM_DISABLE_NVLS=1 (unless set otherwise).  Then, once, the one-GPU runtime check of patch 5's
-C++ change, `pytest test/distributed/cxx/test_peer_alloc_info.py` (its
-fix-specific checks are expected failures on a torch without the fix).
+NVSHMEM_DISABLE_NVLS=1 (unless set otherwise).  No torchrun: each test class
+(MultiProcContinuousTest) spawns one worker per visible CUDA GPU, so the world
+size is the number of GPUs PY's torch sees (set CUDA_VISIBLE_DEVICES to choose
+them); 1 GPU is enough, and the tests that need two ranks skip below 2.  Then,
+once, the one-GPU runtime check of patch 5's C++ change,
+`pytest test/distributed/cxx/test_peer_alloc_info.py` (its fix-specific checks
+are expected failures on a torch without the fix).
 
 --installed tests the torch installed for PY as it is (a wheel built by
 source mode): no overlay and no pin check, one level (default N, the level the
 build is taken to hold).
 
 Each run's full log goes to DIR/<run>.log (default build/gpu-tier: L<L>.log,
-cxx.log); the pytest summary lines are printed.  The last line is
-"P passed, F failed", counting runs (a level whose overlay cannot be built
-counts as failed); the exit status is 1 if any run failed or timed out, 2 on
-bad input, 3 with fewer than 2 CUDA GPUs.
+cxx.log).  Per run, one summary line from pytest's, e.g.
+  L3 (world size 1): 30 passed, 2 skipped in 41.20s
+After a test fails, MultiProcContinuousTest reports the rest of its class as
+skipped ("Previous test failed, skipping ..."): those count as failed here,
+not skipped, and fail the run even if pytest's exit status was 0.  The last
+line is "P passed, F failed", counting runs (a level whose overlay cannot be
+built counts as failed); the exit status is 1 if any run failed or timed out,
+2 on bad input, 3 without a CUDA GPU.
 
 PY needs the pinned torch (PIN; checked unless --installed), unidiff importable
 (stack.py uses it for overlays), pytest and expecttest; nvcc for the C++ check
@@ -90,7 +99,7 @@ else
     PYTHONPATH="$BASE_PYTHONPATH" "$PY" "$STACK_PY" check-torch --python "$PY" >/dev/null
 fi
 gpus="$(PYTHONPATH="$BASE_PYTHONPATH" gpu_count)"
-((gpus >= 2)) || die 3 "the GPU tier needs 2 CUDA GPUs; $PY's torch sees $gpus"
+((gpus >= 1)) || die 3 "the GPU tier needs a CUDA GPU; $PY's torch sees none"
 
 FILES=(test/distributed/test_symm_mem_{lowering,cudagraphs,partition,allocator}.py)
 multicast_off
@@ -99,14 +108,56 @@ mkdir -p "$LOGS"
 passed=0
 failed=0
 
-# record NAME LOGFILE RC: count a run, print its summary lines
+# pytest's reason for a test skipped because an earlier test of its class failed
+POISON='Previous test failed, skipping'
+
+# tally LOGFILE: print pytest's last summary line of LOGFILE ("1 failed,
+# 3 passed, 6 skipped in 8.04s") with the poison-pill skips (POISON, from the
+# -rs lines) moved from skipped to failed, and their number on a line of its own.
+tally() {
+    awk -v poison="$POISON" '
+        /^SKIPPED \[[0-9]+\] / && index($0, poison) {
+            n = $2; gsub(/[^0-9]/, "", n); poisoned += n
+        }
+        /^=+ .*(passed|failed|error|skipped|deselected|no tests ran).* in / { last = $0 }
+        END {
+            line = last
+            sub(/^=+ /, "", line); sub(/ =+$/, "", line)
+            timing = ""
+            if (match(line, / in [0-9.]+s.*$/)) {
+                timing = substr(line, RSTART); line = substr(line, 1, RSTART - 1)
+            }
+            k = split(line, items, ", ")
+            out = ""; have_failed = 0
+            for (i = 1; i <= k; i++) {
+                split(items[i], f, " ")
+                if (f[2] == "failed") { f[1] += poisoned; have_failed = 1 }
+                if (f[2] == "skipped") f[1] -= poisoned
+                if (f[2] == "skipped" && f[1] == 0) continue
+                item = f[1] " " substr(items[i], index(items[i], " ") + 1)
+                out = out (out == "" ? "" : ", ") item
+            }
+            if (!have_failed && poisoned > 0)
+                out = poisoned " failed" (out == "" ? "" : ", " out)
+            if (last == "") out = "no pytest summary"
+            print out timing
+            print poisoned + 0
+        }' "$1"
+}
+
+# record NAME LOGFILE RC [WORLD]: count a run, print its summary line
 record() {
-    local name=$1 logfile=$2 rc=$3
-    grep -E '^=+ .*(passed|failed|error|skipped).* in ' "$logfile" | sed "s/^/  $name: /" || true
+    local name=$1 logfile=$2 rc=$3 world=${4:-} summary poisoned
+    { read -r summary && read -r poisoned; } < <(tally "$logfile")
+    echo "  $name${world:+ (world size $world)}: $summary"
+    if ((poisoned > 0)); then
+        log "$name: $poisoned test(s) skipped after an earlier failure in their class: counted as failed"
+        ((rc != 0)) || rc=1
+    fi
     if ((rc == 0)); then
         passed=$((passed + 1))
     else
-        ((rc == 124)) && log "$name timed out after ${TIMEOUT}s"
+        ((rc == 124 || rc == 137)) && log "$name timed out after ${TIMEOUT}s"
         log "$name failed (exit $rc); see $logfile"
         failed=$((failed + 1))
     fi
@@ -124,19 +175,19 @@ for lvl in $LEVELS; do
         fi
         path="$overlay${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}"
     fi
-    log "level $lvl: ${#FILES[@]} files on 2 ranks, timeout ${TIMEOUT}s, log $logfile"
+    log "level $lvl: ${#FILES[@]} files, world size $gpus, timeout ${TIMEOUT}s, log $logfile"
     rc=0
-    PYTHONPATH="$path" SYMM_STACK_LEVEL="$lvl" timeout "$TIMEOUT" \
-        "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 \
-        -m pytest -v -rs -p no:cacheprovider "${FILES[@]}" "${PYTEST_EXTRA[@]}" \
+    # timeout signals the process group: pytest and the workers it spawned
+    PYTHONPATH="$path" SYMM_STACK_LEVEL="$lvl" timeout -k 30 "$TIMEOUT" \
+        "$PY" -m pytest -v -rfEs -p no:cacheprovider "${FILES[@]}" "${PYTEST_EXTRA[@]}" \
         >"$logfile" 2>&1 || rc=$?
-    record "L$lvl" "$logfile" "$rc"
+    record "L$lvl" "$logfile" "$rc" "$gpus"
 done
 
 logfile="$LOGS/cxx.log"
 log "C++ runtime check (patch 5): 1 GPU, timeout ${TIMEOUT}s, log $logfile"
 rc=0
-PYTHONPATH="$BASE_PYTHONPATH" timeout "$TIMEOUT" "$PY" -m pytest -v -rs -p no:cacheprovider \
+PYTHONPATH="$BASE_PYTHONPATH" timeout -k 30 "$TIMEOUT" "$PY" -m pytest -v -rfEs -p no:cacheprovider \
     test/distributed/cxx/test_peer_alloc_info.py >"$logfile" 2>&1 || rc=$?
 record cxx "$logfile" "$rc"
 echo "$passed passed, $failed failed"

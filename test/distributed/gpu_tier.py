@@ -1,81 +1,88 @@
-"""What every GPU-tier test module shares: process-group set-up under
-torchrun (2 processes, 2 GPUs, multicast off), the NCCL references, and the
-8-layer mm -> one_shot_all_reduce model.
+"""What every GPU-tier test class shares: the base class ``SymmMemTestCase``
+(upstream's ``MultiProcContinuousTest`` on NCCL, one worker per visible CUDA
+GPU, world size 1 included), the NCCL references, and the 8-layer
+mm -> one_shot_all_reduce model.
 
-A test module uses it as
+A test class derives from ``SymmMemTestCase`` and each test begins with
+``self._init_process()``, as in upstream's test/distributed/test_symmetric_memory.py:
 
-    def setUpModule() -> None:
-        gpu_tier.set_up()
+    @instantiate_parametrized_tests
+    class LoweringTest(SymmMemTestCase):
+        @levels(2)
+        def test_x(self) -> None:
+            self._init_process()
+            ...
 
-    def tearDownModule() -> None:
-        gpu_tier.tear_down()
+``python -m pytest FILE`` (or ``python FILE``) launches it; no torchrun.  The
+parent process spawns the workers on the class's first test, sends every test
+to every worker and reports the workers' results.  Workers run the test
+function only (no setUp/tearDown there), hence ``_init_process``.  A test that
+needs two ranks says so with ``@skip_if_lt_x_gpu(2)`` (and
+``@requires_cuda_p2p_access()``); everything else runs at world size 1, where
+``one_shot_all_reduce`` and NCCL's all_reduce are the identity.
 
-The process group is created once per process and destroyed when the process
-exits, so one pytest run can take several modules: tearing it down and creating
-it again between modules hung NCCL's start-up on the 2-GPU machine.
+After a test fails, ``MultiProcContinuousTest`` reports every later test of its
+class as skipped ("Previous test failed, skipping ..."); scripts/gpu_tier.sh
+counts those as failures.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
-import unittest
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.testing._internal.common_distributed import MultiProcContinuousTest
 
-
-WORLD = int(os.environ.get("WORLD_SIZE", "1"))
-HAVE_GPU = torch.cuda.is_available()
-HAVE_GPUS = HAVE_GPU and torch.cuda.device_count() >= 2
-DISTRIBUTED = WORLD >= 2 and HAVE_GPUS
-REASON = (
-    f"needs torchrun with 2 processes on 2 CUDA GPUs "
-    f"(WORLD_SIZE={WORLD}, GPUs={torch.cuda.device_count() if HAVE_GPU else 0})"
-)
 
 # Multicast must stay off on shared machines; the multimem ops are covered by
-# the CPU tier only.
+# the CPU tier only.  Set at import, before any worker is spawned (workers
+# inherit the environment).
 MULTICAST_OFF = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
+for _var, _value in MULTICAST_OFF.items():
+    os.environ.setdefault(_var, _value)
+
+# The reason pytest reports for a test skipped because an earlier test of its
+# class failed (MultiProcContinuousTest.setUp); gpu_tier.sh matches it.
+POISON_PILL_REASON = "Previous test failed, skipping"
 
 
-def set_up(need_distributed: bool = True) -> None:
-    """Skip the module without the GPUs it needs; else join the process group.
+class SymmMemTestCase(MultiProcContinuousTest):
+    """One worker per visible CUDA GPU (``world_size`` is left at its default:
+    ``torch.cuda.device_count()``), NCCL process group.  Without a CUDA GPU
+    every test skips ("No cuda devices available")."""
 
-    With ``need_distributed=False`` one GPU is enough, and the process group is
-    joined only under torchrun with 2 GPUs.
-    """
-    if need_distributed and not DISTRIBUTED:
-        raise unittest.SkipTest(REASON)
-    if not HAVE_GPU:
-        raise unittest.SkipTest("needs a CUDA GPU")
-    for var, value in MULTICAST_OFF.items():
-        os.environ.setdefault(var, value)
-    if not DISTRIBUTED:
-        return
-    rank = int(os.environ["RANK"])
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
-        )
-        atexit.register(_destroy)
+    # The process group's timeout (upstream's default is 120 s): a rank may
+    # wait at a barrier while its peer compiles.
+    timeout = timedelta(seconds=300)
 
+    @classmethod
+    def backend_str(cls) -> str:
+        return "nccl"
 
-def tear_down() -> None:
-    "End a module: every rank finishes its tests before the next module starts"
-    if dist.is_initialized():
-        dist.barrier()
+    @classmethod
+    def device_type(cls) -> str:
+        # not the current accelerator: on a machine without a GPU that is the
+        # CPU, whose device_count() is 1
+        return "cuda"
 
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.rank)
 
-def _destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    def _init_process(self) -> None:
+        """Begin a test on this worker: its GPU, every rank done with the
+        previous test's GPU work, a fresh dynamo."""
+        torch.cuda.set_device(self.device)
+        torch.cuda.synchronize()
+        dist.barrier(device_ids=[self.rank])
+        torch._dynamo.reset()
 
 
 def group_name() -> str:
@@ -108,17 +115,15 @@ def eight_layers_reference(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Ten
     return x
 
 
-class DistributedCase(unittest.TestCase):
-    """Every rank starts each test from a fresh dynamo and finishes it before
-    any rank starts the next."""
-
-    def setUp(self) -> None:
-        torch._dynamo.reset()
-        dist.barrier()
-
-    def tearDown(self) -> None:
-        torch.cuda.synchronize()
-        dist.barrier()
+def rank_values(shape: tuple[int, ...], it: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the two-rank tests: this rank's input, ``(rank + 1) * (it + 1)``
+    everywhere, and the sum over every rank's input, computed without any
+    collective.  A result that misses a peer's contribution, or holds a
+    peer's value of an earlier call, differs from the sum."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x = torch.full(shape, float((rank + 1) * (it + 1)), device="cuda")
+    total = torch.full(shape, float(world * (world + 1) // 2 * (it + 1)), device="cuda")
+    return x, total
 
 
 @torch.library.custom_op("symm_stack_gpu::scale", mutates_args=())

@@ -1,24 +1,23 @@
 """[5/5] Static graph inputs of symm_mem ops staged by `copy_`, GPU tier.
 
-Run under torchrun, one process per GPU:
+One rank per visible CUDA GPU, world size 1 included
+(``MultiProcContinuousTest``; no torchrun):
 
-    torchrun --standalone --nproc-per-node 2 -m pytest -v \
-        test/distributed/test_symm_mem_allocator.py
+    python -m pytest -v test/distributed/test_symm_mem_allocator.py
 
 A static-shape graph input of a symm_mem op gets one persistent P2P staging
 buffer, filled by `staging.copy_(input)` on every call (no identity-copy
 kernel); inputs of symbolic shape still take patch 2's identity copy.  Results
-are compared with an eager NCCL all_reduce.  The reduce-overhead and graph
-partition variants also rely on patches 3 and 4 (CUDA graph trees with P2P
-inputs), so they hold from level 5 on like the rest of this file.  The CPU
-tier is test_symm_mem_allocator_cpu.py.
+are compared with an eager NCCL all_reduce (the identity at world size 1).  The
+reduce-overhead and graph partition variants also rely on patches 3 and 4 (CUDA
+graph trees with P2P inputs), so they hold from level 5 on like the rest of
+this file.  The CPU tier is test_symm_mem_allocator_cpu.py.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-import unittest
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,11 +25,15 @@ import torch
 import torch.distributed as dist
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
+from torch.testing._internal.common_utils import (
+    instantiate_parametrized_tests,
+    parametrize,
+    run_tests,
+)
 
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import gpu_tier  # noqa: E402
 from code_stats import (  # noqa: E402
     P2P_ALLOC,
     PER_SIZE_ALLOC_ID,
@@ -39,25 +42,15 @@ from code_stats import (  # noqa: E402
     check_counts,
     p2p_alloc_lines,
 )
-from gpu_tier import (  # noqa: E402
-    group_name,
-    nccl_all_reduce,
-)
+from gpu_tier import SymmMemTestCase, group_name, nccl_all_reduce  # noqa: E402
 from stack_level import levels  # noqa: E402
 
 
 CALLS = 100
 
 
-def setUpModule() -> None:
-    gpu_tier.set_up()
-
-
-def tearDownModule() -> None:
-    gpu_tier.tear_down()
-
-
-class GraphInputStagingTest(gpu_tier.DistributedCase):
+@instantiate_parametrized_tests
+class GraphInputStagingTest(SymmMemTestCase):
     def _inputs(self, it: int, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
         gen = torch.Generator(device="cuda").manual_seed(1000 * it + dist.get_rank())
         return [torch.randn(s, device="cuda", generator=gen) for s in shapes]
@@ -107,12 +100,14 @@ class GraphInputStagingTest(gpu_tier.DistributedCase):
 
     @levels(5)
     def test_static_graph_input_default_mode(self) -> None:
+        self._init_process()
         code = self._run(self._one_shot(), nccl_all_reduce, lambda it: [(256, 512)])
         self._assert_staged_once_per_input(code, 1)
         check_counts(code, {TRITON_KERNEL: 0})  # no identity-copy kernel
 
     @levels(5)
     def test_two_static_graph_inputs_default_mode(self) -> None:
+        self._init_process()
         gname = group_name()
 
         def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -130,6 +125,7 @@ class GraphInputStagingTest(gpu_tier.DistributedCase):
 
     @levels(5)
     def test_static_graph_input_one_shot_copy(self) -> None:
+        self._init_process()
         gname = group_name()
 
         def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -158,20 +154,23 @@ class GraphInputStagingTest(gpu_tier.DistributedCase):
             )
 
     @levels(5)
-    def test_static_graph_input_reduce_overhead(self) -> None:
-        # the whole graph, staging copy included, is one CUDA graph
-        code = self._reduce_overhead(graph_partition=False)
+    @parametrize(
+        "graph_partition",
+        [False, True],
+        name_fn=lambda p: "graph_partition" if p else "reduce_overhead",
+    )
+    def test_static_graph_input(self, graph_partition: bool) -> None:
+        self._init_process()
+        # without graph_partition: the whole graph, staging copy included, is
+        # one CUDA graph
+        code = self._reduce_overhead(graph_partition=graph_partition)
         self._assert_staged_once_per_input(code, 1)
         check_counts(code, {TRITON_KERNEL: 0})
-
-    @levels(5)
-    def test_static_graph_input_graph_partition(self) -> None:
-        # The copy runs outside the CUDA graph on every call; the partition
-        # gets the persistent staging buffer as a (static) P2P input.
-        code = self._reduce_overhead(graph_partition=True)
-        self._assert_staged_once_per_input(code, 1)
-        check_counts(code, {TRITON_KERNEL: 0})
-        # in call: the staging copy_, then the partition
+        if not graph_partition:
+            return
+        # With graph_partition the copy runs outside the CUDA graph on every
+        # call; the partition gets the persistent staging buffer as a (static)
+        # P2P input.  In call: the staging copy_, then the partition.
         FileCheck().check("def call(self, args):").check(".copy_(").check(
             "self.partitions[0](partition0_args)"
         ).run(code)
@@ -184,6 +183,7 @@ class GraphInputStagingTest(gpu_tier.DistributedCase):
 
     @levels(5)
     def test_dynamic_graph_input_takes_identity_copy(self) -> None:
+        self._init_process()
         sizes = [96, 160, 33, 64]
 
         def shapes(it: int) -> list[tuple[int, ...]]:
@@ -198,6 +198,7 @@ class GraphInputStagingTest(gpu_tier.DistributedCase):
 
     @levels(5)
     def test_config_off_takes_identity_copy(self) -> None:
+        self._init_process()
         with torch._inductor.config.patch(
             {"_collective.stage_graph_inputs_in_symm_mem": False}
         ):
@@ -208,4 +209,4 @@ class GraphInputStagingTest(gpu_tier.DistributedCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    run_tests()

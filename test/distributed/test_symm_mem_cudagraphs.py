@@ -1,17 +1,18 @@
-"""CUDA graph trees with P2P (symmetric memory) buffers, GPU tier (2 GPUs).
+"""CUDA graph trees with P2P (symmetric memory) buffers, GPU tier: one rank
+per visible CUDA GPU, world size 1 included (``MultiProcContinuousTest``; no
+torchrun):
 
-    torchrun --standalone --nproc-per-node 2 -m pytest -v \
-        test/distributed/test_symm_mem_cudagraphs.py
+    python -m pytest -v test/distributed/test_symm_mem_cudagraphs.py
 
 Every rank runs the same tests in the same order with fixed iteration counts;
-every result is compared with an eager reference that uses NCCL all_reduce.
-The CPU tier of the same patch is test_symm_mem_cudagraphs_cpu.py.
+every result is compared with an eager reference that uses NCCL all_reduce
+(the identity at world size 1).  Only the tests that need two ranks skip below
+2 GPUs.  The CPU tier of the same patch is test_symm_mem_cudagraphs_cpu.py.
 """
 
 from __future__ import annotations
 
 import sys
-import unittest
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,16 +20,25 @@ import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
 from torch._inductor import cudagraph_trees
+from torch.testing._internal.common_distributed import skip_if_lt_x_gpu
+from torch.testing._internal.common_utils import (
+    instantiate_parametrized_tests,
+    parametrize,
+    requires_cuda_p2p_access,
+    run_tests,
+)
 
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import gpu_tier  # noqa: E402
 from gpu_tier import (  # noqa: E402
+    SymmMemTestCase,
     eight_layers,
     eight_layers_reference,
     group_name,
     nccl_all_reduce,
+    rank_values,
     rel_err,
 )
 from stack_level import holds, levels  # noqa: E402
@@ -36,14 +46,6 @@ from stack_level import holds, levels  # noqa: E402
 
 REPLAYS = 100
 Fn = Callable[..., torch.Tensor]
-
-
-def setUpModule() -> None:
-    gpu_tier.set_up()
-
-
-def tearDownModule() -> None:
-    gpu_tier.tear_down()
 
 
 def graph_input_one_shot(gname: str) -> Callable[..., torch.Tensor]:
@@ -65,11 +67,12 @@ def tree_nodes() -> list[cudagraph_trees.CUDAGraphNode]:
     return nodes
 
 
-class CudagraphTreeTest(gpu_tier.DistributedCase):
-    def setUp(self) -> None:
+@instantiate_parametrized_tests
+class CudagraphTreeTest(SymmMemTestCase):
+    def _init_process(self) -> None:
+        super()._init_process()
         cudagraph_trees.reset_cudagraph_trees()
         counters.clear()
-        super().setUp()
 
     def _gen(self, seed: int) -> torch.Generator:
         return torch.Generator(device="cuda").manual_seed(seed + 17 * dist.get_rank())
@@ -110,12 +113,14 @@ class CudagraphTreeTest(gpu_tier.DistributedCase):
 
     @levels(3)
     def test_eight_layers_reduce_overhead(self) -> None:
+        self._init_process()
         with torch._inductor.config.patch({"triton.slow_path_cudagraph_asserts": True}):
             self._eight_layers()
         self.assertGreaterEqual(len(tree_nodes()), 1)
 
     @levels(3)
     def test_graph_input_one_shot_reduce_overhead(self) -> None:
+        self._init_process()
         compiled = torch.compile(
             graph_input_one_shot(group_name()), mode="reduce-overhead", fullgraph=True
         )
@@ -131,7 +136,9 @@ class CudagraphTreeTest(gpu_tier.DistributedCase):
         self.assertGreaterEqual(len(tree_nodes()), 1)
 
     @levels(3)
-    def test_dynamic_shapes_reduce_overhead(self) -> None:
+    @parametrize("model", ["mm_output", "graph_input"])
+    def test_dynamic_shapes_reduce_overhead(self, model: str) -> None:
+        self._init_process()
         # Symbolic-size P2P buffers inside the CUDA graph: one written by the
         # mm (Inductor allocates it), one the identity copy of a graph input.
         # Each has one persistent allocation per size (patch 2); a fresh
@@ -148,30 +155,28 @@ class CudagraphTreeTest(gpu_tier.DistributedCase):
                 lambda x, w: nccl_all_reduce(x) @ w,
             ),
         }
+        fn, ref = models[model]
         sizes = [96, 160, 33]
-        for seed, (name, (fn, ref)) in enumerate(models.items()):
-            with self.subTest(model=name):
-                torch._dynamo.reset()
-                cudagraph_trees.reset_cudagraph_trees()
-                counters.clear()
-                compiled = torch.compile(
-                    fn, mode="reduce-overhead", fullgraph=True, dynamic=True
-                )
-                gen = self._gen(20 + seed)
-                w = torch.randn(64, 64, device="cuda", generator=gen) / 8
-                for it in range(10 * len(sizes)):  # each size: warm-up, record, replays
-                    n = sizes[it % len(sizes)]
-                    x = torch.randn(n, 64, device="cuda", generator=gen) + it
-                    torch.compiler.cudagraph_mark_step_begin()
-                    out = compiled(x, w).clone()
-                    torch.testing.assert_close(
-                        out, ref(x, w), rtol=1e-3, atol=1e-3, msg=f"call {it}"
-                    )
-                self.assertEqual(counters["inductor"]["cudagraph_skips"], 0)
-                self.assertGreaterEqual(len(tree_nodes()), len(sizes))
+        compiled = torch.compile(
+            fn, mode="reduce-overhead", fullgraph=True, dynamic=True
+        )
+        gen = self._gen(20 + list(models).index(model))
+        w = torch.randn(64, 64, device="cuda", generator=gen) / 8
+        for it in range(10 * len(sizes)):  # each size: warm-up, record, replays
+            n = sizes[it % len(sizes)]
+            x = torch.randn(n, 64, device="cuda", generator=gen) + it
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(x, w).clone()
+            torch.testing.assert_close(
+                out, ref(x, w), rtol=1e-3, atol=1e-3, msg=f"call {it}"
+            )
+        self.assertEqual(counters["inductor"]["cudagraph_skips"], 0)
+        self.assertGreaterEqual(len(tree_nodes()), len(sizes))
 
     @levels(3)
-    def test_graph_input_models_reduce_overhead(self) -> None:
+    @parametrize("model", ["one_shot_copy", "custom_op_output", "pointwise_producer"])
+    def test_graph_input_models_reduce_overhead(self, model: str) -> None:
+        self._init_process()
         # patch 2's models whose symm_mem input Inductor does not allocate
         gname = group_name()
         one_shot = torch.ops.symm_mem.one_shot_all_reduce
@@ -191,29 +196,50 @@ class CudagraphTreeTest(gpu_tier.DistributedCase):
                 lambda x, y: nccl_all_reduce(x + y),
             ),
         }
-        for seed, (name, (fn, ref)) in enumerate(models.items()):
-            with self.subTest(model=name):
-                torch._dynamo.reset()
-                cudagraph_trees.reset_cudagraph_trees()
-                counters.clear()
-                compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
-                gen = self._gen(10 + seed)
-                x = torch.randn(128, 256, device="cuda", generator=gen)
-                y = torch.randn(128, 256, device="cuda", generator=gen)
-                flags = {"triton.slow_path_cudagraph_asserts": True}
-                with torch._inductor.config.patch(flags):
-                    for it in range(REPLAYS):
-                        x = self._next_input(x, gen, it)
-                        y = torch.randn(y.shape, device="cuda", generator=gen)
-                        torch.compiler.cudagraph_mark_step_begin()
-                        out = compiled(x, y).clone()
-                        torch.testing.assert_close(out, ref(x, y), msg=f"call {it}")
-                # it ran as a CUDA graph, not eagerly after a skip
-                self.assertEqual(counters["inductor"]["cudagraph_skips"], 0)
-                self.assertGreaterEqual(len(tree_nodes()), 1)
+        fn, ref = models[model]
+        compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+        gen = self._gen(10 + list(models).index(model))
+        x = torch.randn(128, 256, device="cuda", generator=gen)
+        y = torch.randn(128, 256, device="cuda", generator=gen)
+        with torch._inductor.config.patch({"triton.slow_path_cudagraph_asserts": True}):
+            for it in range(REPLAYS):
+                x = self._next_input(x, gen, it)
+                y = torch.randn(y.shape, device="cuda", generator=gen)
+                torch.compiler.cudagraph_mark_step_begin()
+                out = compiled(x, y).clone()
+                torch.testing.assert_close(out, ref(x, y), msg=f"call {it}")
+        # it ran as a CUDA graph, not eagerly after a skip
+        self.assertEqual(counters["inductor"]["cudagraph_skips"], 0)
+        self.assertGreaterEqual(len(tree_nodes()), 1)
+
+    @levels(3)
+    @skip_if_lt_x_gpu(2)
+    @requires_cuda_p2p_access()
+    def test_replays_every_peer_contributes(self) -> None:
+        """Needs 2 ranks: at world size 1 the all-reduce is the identity, so a
+        replay that reads a peer's P2P buffer before that peer wrote this
+        call's values (or not at all) looks right."""
+        self._init_process()
+        self.assertGreaterEqual(dist.get_world_size(), 2)
+        compiled = torch.compile(
+            graph_input_one_shot(group_name()), mode="reduce-overhead", fullgraph=True
+        )
+        x, _ = rank_values((256, 512), 0)
+        for it in range(REPLAYS):
+            new, total = rank_values(x.shape, it)
+            if it % 2:
+                x = new  # a fresh tensor
+            else:
+                x.copy_(new)  # new values at the address the graph recorded
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(x).clone()
+            torch.testing.assert_close(out, total, msg=f"call {it}")
+        self.assertEqual(counters["inductor"]["cudagraph_skips"], 0)
+        self.assertGreaterEqual(len(tree_nodes()), 1)
 
     @levels(3)
     def test_p2p_input_is_static_and_not_copied(self) -> None:
+        self._init_process()
         gname = group_name()
 
         def fn(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -253,6 +279,7 @@ class CudagraphTreeTest(gpu_tier.DistributedCase):
 
     @levels(0, 2)
     def test_pin_warmup_rendezvous_left_in_pool(self) -> None:
+        self._init_process()
         # On the stock pin (level 0), a compile earlier in the same process can
         # make this fail first on the alloc-id collision that patch 1 fixes.
         expected = "not tracked as outputs" + ("|same alloc_id" if not holds(1) else "")
@@ -264,4 +291,4 @@ class CudagraphTreeTest(gpu_tier.DistributedCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    run_tests()

@@ -1,20 +1,23 @@
-"""LoweringTest, GPU tier: symm_mem lowering end to end on 2 GPUs.
+"""LoweringTest, GPU tier: symm_mem lowering end to end, one rank per GPU.
 
-Run under torchrun, one process per GPU (scripts/apply_and_build.sh does this):
+In the form of upstream's test/distributed/test_symmetric_memory.py
+(``MultiProcContinuousTest``): plain pytest launches it and the class spawns
+one worker per visible CUDA GPU, world size 1 included (scripts/apply_and_build.sh
+and scripts/gpu_tier.sh run it so):
 
-    torchrun --standalone --nproc-per-node 2 -m pytest -v \
-        test/distributed/test_symm_mem_lowering.py
+    python -m pytest -v test/distributed/test_symm_mem_lowering.py
 
 Every rank runs the same tests in the same order with fixed iteration counts.
-Results are compared against an eager reference that uses NCCL all_reduce.
-Each test declares the series levels it holds for (stack_level.py).
+Results are compared against an eager reference that uses NCCL all_reduce (the
+identity at world size 1).  Only the tests that need two ranks skip below 2
+GPUs (``@skip_if_lt_x_gpu(2)``).  Each test declares the series levels it holds
+for (stack_level.py).
 """
 
 from __future__ import annotations
 
 import re
 import sys
-import unittest
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +25,13 @@ import torch
 import torch.distributed as dist
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
+from torch.testing._internal.common_distributed import skip_if_lt_x_gpu
+from torch.testing._internal.common_utils import (
+    instantiate_parametrized_tests,
+    parametrize,
+    requires_cuda_p2p_access,
+    run_tests,
+)
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -36,21 +46,15 @@ from code_stats import (  # noqa: E402
     p2p_alloc_lines,
 )
 from gpu_tier import (  # noqa: E402
+    SymmMemTestCase,
     eight_layers,
     eight_layers_reference,
     group_name,
     nccl_all_reduce,
+    rank_values,
     rel_err,
 )
 from stack_level import holds, levels  # noqa: E402
-
-
-def setUpModule() -> None:
-    gpu_tier.set_up()
-
-
-def tearDownModule() -> None:
-    gpu_tier.tear_down()
 
 
 # A persistent P2P allocation of the generated code; group 1: its arguments.
@@ -81,7 +85,8 @@ def poison_p2p_buffers(code: str) -> None:
     dist.barrier()
 
 
-class LoweringTest(gpu_tier.DistributedCase):
+@instantiate_parametrized_tests
+class LoweringTest(SymmMemTestCase):
     def _eight_layer_inputs(self, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         gen = torch.Generator(device="cuda").manual_seed(seed + dist.get_rank())
         x = torch.randn(128, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -94,6 +99,7 @@ class LoweringTest(gpu_tier.DistributedCase):
 
     @levels(0)
     def test_eight_layer_numerics(self) -> None:
+        self._init_process()
         compiled = torch.compile(eight_layers(group_name()), fullgraph=True)
         for it in range(3):
             x, ws = self._eight_layer_inputs(seed=100 * it)
@@ -104,6 +110,7 @@ class LoweringTest(gpu_tier.DistributedCase):
 
     @levels(1)
     def test_eight_layer_buffer_plan(self) -> None:
+        self._init_process()
         compiled = torch.compile(eight_layers(group_name()), fullgraph=True)
         x, ws = self._eight_layer_inputs(seed=7)
         out, (code, *_) = run_and_get_code(compiled, x, ws)
@@ -119,6 +126,7 @@ class LoweringTest(gpu_tier.DistributedCase):
 
     @levels(0, 0)
     def test_pin_eight_layer_buffer_plan(self) -> None:
+        self._init_process()
         compiled = torch.compile(eight_layers(group_name()), fullgraph=True)
         x, ws = self._eight_layer_inputs(seed=7)
         _, (code, *_) = run_and_get_code(compiled, x, ws)
@@ -154,6 +162,7 @@ class LoweringTest(gpu_tier.DistributedCase):
 
     @levels(1)
     def test_one_shot_copy_numerics(self) -> None:
+        self._init_process()
         self._one_shot_copy_case()
 
     def _two_graphs(self) -> None:
@@ -175,10 +184,12 @@ class LoweringTest(gpu_tier.DistributedCase):
 
     @levels(1)
     def test_two_graphs_with_p2p_buffers_of_different_sizes(self) -> None:
+        self._init_process()
         self._two_graphs()
 
     @levels(0, 0)
     def test_pin_two_graphs_collide_on_alloc_id(self) -> None:
+        self._init_process()
         with self.assertRaisesRegex(RuntimeError, "alloc_id"):
             self._two_graphs()
 
@@ -235,20 +246,25 @@ class LoweringTest(gpu_tier.DistributedCase):
         return code
 
     @levels(2)
-    def test_graph_input_one_shot_static_and_dynamic(self) -> None:
+    @parametrize(
+        "dynamic", [False, True], name_fn=lambda d: "dynamic" if d else "static"
+    )
+    def test_graph_input_one_shot(self, dynamic: bool) -> None:
+        self._init_process()
         gname = group_name()
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             return torch.ops.symm_mem.one_shot_all_reduce(x, "sum", gname)
 
-        code = self._check_calls(fn, nccl_all_reduce, [[(256, 512)]] * 3)
-        if holds(2, 4):
-            # exactly one identity copy into the one P2P buffer
-            check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})
-        else:
-            # [5/5] a persistent staging buffer filled by copy_, no kernel
-            check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 0, ".copy_(": 1})
-        torch._dynamo.reset()
+        if not dynamic:
+            code = self._check_calls(fn, nccl_all_reduce, [[(256, 512)]] * 3)
+            if holds(2, 4):
+                # exactly one identity copy into the one P2P buffer
+                check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})
+            else:
+                # [5/5] a persistent staging buffer filled by copy_, no kernel
+                check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 0, ".copy_(": 1})
+            return
         code = self._check_calls(
             fn, nccl_all_reduce, [[(96, 64)], [(160, 64)], [(33, 64)]], dynamic=True
         )
@@ -259,6 +275,7 @@ class LoweringTest(gpu_tier.DistributedCase):
 
     @levels(2)
     def test_dynamic_mm_output_fed_to_one_shot(self) -> None:
+        self._init_process()
         gname = group_name()
 
         def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -276,30 +293,36 @@ class LoweringTest(gpu_tier.DistributedCase):
         self.assertRegex(alloc, PER_SIZE_ALLOC_ID)
 
     @levels(2)
-    def test_graph_input_two_shot_all_reduce_(self) -> None:
+    @parametrize(
+        "dynamic", [False, True], name_fn=lambda d: "dynamic" if d else "static"
+    )
+    def test_graph_input_two_shot_all_reduce_(self, dynamic: bool) -> None:
+        self._init_process()
         gname = group_name()
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             torch.ops.symm_mem.two_shot_all_reduce_(x, "sum", gname)
             return x * 1
 
-        for dynamic, shapes in [
-            (False, [[(256, 512)]] * 3),
-            (True, [[(96, 64)], [(160, 64)], [(64, 64)]]),
-        ]:
-            torch._dynamo.reset()
-            compiled = torch.compile(fn, fullgraph=True)
-            for it, (shape,) in enumerate(shapes):
-                x = torch.randn(shape, device="cuda") * (dist.get_rank() + 1) + it
-                if dynamic:
-                    torch._dynamo.mark_dynamic(x, 0)
-                ref = nccl_all_reduce(x)
-                out = compiled(x)
-                torch.testing.assert_close(out, ref)
-                torch.testing.assert_close(x, ref)  # mutated in place, as eager
+        shapes = (
+            [[(96, 64)], [(160, 64)], [(64, 64)]] if dynamic else [[(256, 512)]] * 3
+        )
+        compiled = torch.compile(fn, fullgraph=True)
+        for it, (shape,) in enumerate(shapes):
+            x = torch.randn(shape, device="cuda") * (dist.get_rank() + 1) + it
+            if dynamic:
+                torch._dynamo.mark_dynamic(x, 0)
+            ref = nccl_all_reduce(x)
+            out = compiled(x)
+            torch.testing.assert_close(out, ref)
+            torch.testing.assert_close(x, ref)  # mutated in place, as eager
 
     @levels(2)
-    def test_graph_input_reduce_scatter_out(self) -> None:
+    @parametrize(
+        "dynamic", [False, True], name_fn=lambda d: "dynamic" if d else "static"
+    )
+    def test_graph_input_reduce_scatter_out(self, dynamic: bool) -> None:
+        self._init_process()
         gname = group_name()
         world = dist.get_world_size()
 
@@ -308,25 +331,25 @@ class LoweringTest(gpu_tier.DistributedCase):
             return out + 0
 
         # The kernel takes 1-D inputs ("reduce_scatter expected 1D input").
-        for dynamic, sizes in [
-            (False, [32768, 32768, 32768]),
-            (True, [16384, 49152, 24576]),
-        ]:
-            torch._dynamo.reset()
-            compiled = torch.compile(fn, fullgraph=True)
-            for it, n in enumerate(sizes):
-                x = torch.randn(n, device="cuda") * (dist.get_rank() + 1) + it
-                out = torch.empty(n // world, device="cuda")
-                if dynamic:
-                    torch._dynamo.mark_dynamic(x, 0)
-                    torch._dynamo.mark_dynamic(out, 0)
-                ref = torch.empty_like(out)
-                dist.reduce_scatter_tensor(ref, x)
-                torch.testing.assert_close(compiled(x, out), ref)
-                torch.testing.assert_close(out, ref)
+        sizes = [16384, 49152, 24576] if dynamic else [32768, 32768, 32768]
+        compiled = torch.compile(fn, fullgraph=True)
+        for it, n in enumerate(sizes):
+            x = torch.randn(n, device="cuda") * (dist.get_rank() + 1) + it
+            out = torch.empty(n // world, device="cuda")
+            if dynamic:
+                torch._dynamo.mark_dynamic(x, 0)
+                torch._dynamo.mark_dynamic(out, 0)
+            ref = torch.empty_like(out)
+            dist.reduce_scatter_tensor(ref, x)
+            torch.testing.assert_close(compiled(x, out), ref)
+            torch.testing.assert_close(out, ref)
 
     @levels(2)
-    def test_graph_input_one_shot_copy(self) -> None:
+    @parametrize(
+        "dynamic", [False, True], name_fn=lambda d: "dynamic" if d else "static"
+    )
+    def test_graph_input_one_shot_copy(self, dynamic: bool) -> None:
+        self._init_process()
         gname = group_name()
 
         def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -335,13 +358,14 @@ class LoweringTest(gpu_tier.DistributedCase):
         def ref(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return nccl_all_reduce(y)
 
-        code = self._check_calls(fn, ref, [[(128, 256)] * 2] * 3)
-        if holds(2, 4):
-            check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})  # copy of x
-        else:
-            # [5/5] x is staged by copy_ into a persistent P2P buffer
-            check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 0, ".copy_(": 1})
-        torch._dynamo.reset()
+        if not dynamic:
+            code = self._check_calls(fn, ref, [[(128, 256)] * 2] * 3)
+            if holds(2, 4):
+                check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})  # copy of x
+            else:
+                # [5/5] x is staged by copy_ into a persistent P2P buffer
+                check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 0, ".copy_(": 1})
+            return
         shapes = [[(n, 64)] * 2 for n in (96, 160, 33)]
         code = self._check_calls(fn, ref, shapes, dynamic=True)
         # dynamic: x's identity copy into a P2P buffer persistent per size
@@ -349,6 +373,7 @@ class LoweringTest(gpu_tier.DistributedCase):
 
     @levels(2)
     def test_custom_op_output_fed_to_one_shot(self) -> None:
+        self._init_process()
         gname = group_name()
 
         def fn(x: torch.Tensor) -> torch.Tensor:
@@ -363,7 +388,9 @@ class LoweringTest(gpu_tier.DistributedCase):
         check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})
 
     @levels(2)
-    def test_pointwise_producer_needs_no_copy(self) -> None:
+    @parametrize("producer", ["relu_mm", "add"])
+    def test_pointwise_producer_needs_no_copy(self, producer: str) -> None:
+        self._init_process()
         gname = group_name()
 
         def relu_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -374,23 +401,49 @@ class LoweringTest(gpu_tier.DistributedCase):
         def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.ops.symm_mem.one_shot_all_reduce(a + b, "sum", gname)
 
-        for fn, ref, shapes in [
-            (
+        fn, ref, shapes = {
+            "relu_mm": (
                 relu_mm,
                 lambda x, w: nccl_all_reduce(torch.relu(x @ w)),
                 [(64, 128), (128, 256)],
             ),
-            (add, lambda a, b: nccl_all_reduce(a + b), [(128, 256)] * 2),
-        ]:
-            torch._dynamo.reset()
-            # Poisoned: a P2P buffer the pointwise kernel did not write would
-            # turn the result into NaN.
-            code = self._check_calls(fn, ref, [shapes] * 3, poison=True)
-            # The pointwise kernel writes the P2P buffer: one kernel, no copy.
-            check_counts(code, {TRITON_KERNEL: 1, P2P_ALLOC: 1})
+            "add": (add, lambda a, b: nccl_all_reduce(a + b), [(128, 256)] * 2),
+        }[producer]
+        # Poisoned: a P2P buffer the pointwise kernel did not write would
+        # turn the result into NaN.
+        code = self._check_calls(fn, ref, [shapes] * 3, poison=True)
+        # The pointwise kernel writes the P2P buffer: one kernel, no copy.
+        check_counts(code, {TRITON_KERNEL: 1, P2P_ALLOC: 1})
+
+    @levels(2)
+    @skip_if_lt_x_gpu(2)
+    @requires_cuda_p2p_access()
+    @parametrize(
+        "dynamic", [False, True], name_fn=lambda d: "dynamic" if d else "static"
+    )
+    def test_graph_input_every_peer_contributes(self, dynamic: bool) -> None:
+        """Needs 2 ranks: at world size 1 the all-reduce is the identity, so a
+        result that misses a peer's staged input, or reads a peer's staging
+        buffer before that peer wrote this call's values, looks right."""
+        self._init_process()
+        self.assertGreaterEqual(dist.get_world_size(), 2)
+        gname = group_name()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(x, "sum", gname)
+
+        compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic or None)
+        for it, n in enumerate((96, 160, 33, 96) if dynamic else (256,) * 4):
+            x, total = rank_values((n, 64), it)
+            if dynamic:
+                torch._dynamo.mark_dynamic(x, 0)
+            out = compiled(x)
+            torch.testing.assert_close(out, total, msg=f"call {it}")
+            self.assertFalse(torch.equal(out, x))  # the peers' values are in
 
     @levels(0, 1)
     def test_pin_graph_input_fails_at_run_time(self) -> None:
+        self._init_process()
         gname = group_name()
 
         def fn(x: torch.Tensor) -> torch.Tensor:
@@ -401,4 +454,4 @@ class LoweringTest(gpu_tier.DistributedCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    run_tests()

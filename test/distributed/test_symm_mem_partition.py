@@ -8,14 +8,13 @@ Patch 4/5 allocates its output in the preceding partition, so the buffer is
 a CUDA-graph-managed output at one address on every replay, and the next
 partition takes it as a static input instead of copying it.
 
-The plain tests need one CUDA GPU and no process group; the symm_mem tests
-need torchrun with 2 processes on 2 GPUs:
+Both classes run on one rank per visible CUDA GPU, world size 1 included
+(``MultiProcContinuousTest``; no torchrun):
 
     python -m pytest -v test/distributed/test_symm_mem_partition.py
-    torchrun --standalone --nproc-per-node 2 -m pytest -v \
-        test/distributed/test_symm_mem_partition.py
 
-Results are compared against eager code (NCCL all_reduce for the all-reduce).
+Results are compared against eager code (NCCL all_reduce for the all-reduce,
+the identity at world size 1).
 Each test declares the series levels it holds for (stack_level.py).
 """
 
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import os
 import sys
-import unittest
 from collections.abc import Callable
 
 import torch
@@ -31,32 +29,19 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 from torch._inductor import config
 from torch._inductor.utils import run_and_get_code
+from torch.testing._internal.common_utils import run_tests
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import gpu_tier  # noqa: E402
 import partition_ops  # noqa: E402
-from gpu_tier import (  # noqa: E402
-    DISTRIBUTED,
-    HAVE_GPU,
-    REASON,
-    nccl_all_reduce,
-)
+from gpu_tier import SymmMemTestCase, nccl_all_reduce  # noqa: E402
 from partition_ops import allocates, functions, partition_args, unsafe_out  # noqa: E402
 from stack_level import levels  # noqa: E402
 
 
 REPLAYS = 100
 D = 256
-
-
-def setUpModule() -> None:
-    gpu_tier.set_up(need_distributed=False)
-
-
-def tearDownModule() -> None:
-    gpu_tier.tear_down()
 
 
 def copied_inputs() -> int:
@@ -104,25 +89,16 @@ def plain_middle(
     return middle
 
 
-class PartitionCase(unittest.TestCase):
+class PartitionCase(SymmMemTestCase):
     code = ""  # the generated code of the last run_replays
 
-    def setUp(self) -> None:
-        torch._dynamo.reset()
+    def _init_process(self) -> None:
+        super()._init_process()
         counters.clear()
         partition_ops.OUT_PTRS.clear()
-        if dist.is_initialized():
-            dist.barrier()
-
-    def tearDown(self) -> None:
-        torch.cuda.synchronize()
-        torch._dynamo.reset()
-        if dist.is_initialized():
-            dist.barrier()
 
     def inputs(self, it: int) -> torch.Tensor:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        gen = torch.Generator(device="cuda").manual_seed(1000 * it + rank)
+        gen = torch.Generator(device="cuda").manual_seed(1000 * it + dist.get_rank())
         return torch.randn(64, D, device="cuda", generator=gen)
 
     def run_replays(
@@ -189,9 +165,9 @@ class PartitionCase(unittest.TestCase):
         self.assertEqual(counters["inductor"]["cudagraph_partitions"], expected)
 
 
-@unittest.skipUnless(HAVE_GPU, "needs a CUDA GPU")
 class PlainPartitionTest(PartitionCase):
-    """[4/5] without symm_mem: hoisting alone (1 GPU, no process group)."""
+    """[4/5] without symm_mem: hoisting alone (no collective; each rank on its
+    own)."""
 
     def model(self) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
         model = TwoMatmuls(plain_middle(unsafe_scale))
@@ -201,6 +177,7 @@ class PlainPartitionTest(PartitionCase):
 
     @levels(4)
     def test_region_output_hoisted_and_static(self) -> None:
+        self._init_process()
         model, eager = self.model()
         fns = self.run_replays(model, eager)
         buf = self.assert_hoisted(fns)
@@ -214,6 +191,7 @@ class PlainPartitionTest(PartitionCase):
 
     @levels(0, 3)
     def test_pin_region_output_copied_into_next_graph(self) -> None:
+        self._init_process()
         model, eager = self.model()
         fns = self.run_replays(model, eager)
         buf = unsafe_out(fns["call"])
@@ -226,6 +204,7 @@ class PlainPartitionTest(PartitionCase):
 
     @levels(0)
     def test_without_graph_partition(self) -> None:
+        self._init_process()
         # The unsafe op keeps the whole graph out of CUDA graphs.
         model, eager = self.model()
         fns = self.run_replays(model, eager, partition=False)
@@ -234,6 +213,7 @@ class PlainPartitionTest(PartitionCase):
 
     @levels(0)
     def test_default_mode(self) -> None:
+        self._init_process()
         model, eager = self.model()
         fns = self.run_replays(model, eager, mode=None)
         self.assertEqual(list(fns), ["call"])
@@ -241,9 +221,8 @@ class PlainPartitionTest(PartitionCase):
         self.assertEqual(counters["inductor"]["cudagraph_partitions"], 0)
 
 
-@unittest.skipUnless(DISTRIBUTED, REASON)
 class SymmMemPartitionTest(PartitionCase):
-    """[4/5] with a symm_mem all-reduce next to the region (2 GPUs).
+    """[4/5] with a symm_mem all-reduce next to the region.
 
     Needs 3/5 as well: CUDA graph trees take P2P tensors as static."""
 
@@ -267,6 +246,7 @@ class SymmMemPartitionTest(PartitionCase):
 
     @levels(4)
     def test_region_output_feeds_all_reduce_through_pointwise(self) -> None:
+        self._init_process()
         # mm -> unsafe -> (+1 writes the P2P buffer) -> all-reduce -> mm
         fns = self.check(
             lambda h: one_shot(unsafe_scale(h) + 1),
@@ -277,6 +257,7 @@ class SymmMemPartitionTest(PartitionCase):
 
     @levels(4)
     def test_region_produces_all_reduce_input(self) -> None:
+        self._init_process()
         # mm -> unsafe (writes the P2P buffer) -> all-reduce -> mm
         fns = self.check(
             lambda h: one_shot(unsafe_scale(h)),
@@ -291,6 +272,7 @@ class SymmMemPartitionTest(PartitionCase):
 
     @levels(4)
     def test_region_consumes_all_reduce_output(self) -> None:
+        self._init_process()
         # mm -> all-reduce -> unsafe -> mm
         fns = self.check(
             lambda h: unsafe_scale(one_shot(h)),
@@ -301,4 +283,4 @@ class SymmMemPartitionTest(PartitionCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    run_tests()
