@@ -32,11 +32,17 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cuda_timing import median_step_time
+
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "test" / "distributed"))
+from code_stats import P2P_ALLOC_RE  # noqa: E402
 
 
 SIZES_MB = (1, 64)
@@ -90,7 +96,7 @@ def run(steps: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
             note = (
                 f"triton kernels={code.count('@triton.jit')} "
                 f"copy_={body.count('.copy_(')} "
-                f"p2p allocs={body.count('= empty_strided_p2p(')}"
+                f"p2p sites={len(re.findall(P2P_ALLOC_RE, body))}"
             )
             return (lambda: compiled(x)), note
 

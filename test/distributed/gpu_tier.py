@@ -136,3 +136,40 @@ def scale(x: torch.Tensor) -> torch.Tensor:
 @scale.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+def loaded_modules() -> int:
+    "How many compiled modules this process has loaded so far"
+    from torch._inductor.codecache import PyCodeCache
+
+    return len(PyCodeCache.modules)
+
+
+def module_p2p_buffers(since: int = 0) -> list[torch.Tensor]:
+    """Every P2P buffer held by the compiled modules loaded in this process
+    (after the first ``since``; Note [P2P buffers of a compiled module]);
+    none before patch 1/5."""
+    from torch._inductor.codecache import PyCodeCache
+
+    held: list[torch.Tensor] = []
+    for mod in PyCodeCache.modules[since:]:
+        buffers = getattr(mod, "p2p_buffers", None)
+        if buffers is None:
+            continue
+        held.extend(buffers._static.values())
+        held.extend(t for ts in buffers._dynamic.values() for t in ts)
+    return held
+
+
+def poison_p2p_buffers() -> None:
+    """Fill every P2P buffer of the loaded compiled modules with NaN on this
+    rank. The ranks sync before and after, so no peer still reads a buffer
+    and every buffer is poisoned before any rank calls a graph again."""
+    held = module_p2p_buffers()
+    assert held, "no P2P buffer in any compiled module"
+    torch.cuda.synchronize()
+    dist.barrier()
+    for buf in held:
+        buf.fill_(float("nan"))
+    torch.cuda.synchronize()
+    dist.barrier()

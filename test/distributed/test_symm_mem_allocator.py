@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from code_stats import (  # noqa: E402
     P2P_ALLOC,
-    PER_SIZE_ALLOC_ID,
-    PERSISTENT_ALLOC_ID,
+    P2P_DYNAMIC,
+    P2P_STATIC,
     TRITON_KERNEL,
     check_counts,
     p2p_alloc_lines,
@@ -85,7 +85,7 @@ class GraphInputStagingTest(SymmMemTestCase):
         allocs = p2p_alloc_lines(code)
         self.assertTrue(1 <= len(allocs) <= inputs, allocs)
         for alloc in allocs:
-            self.assertRegex(alloc, PERSISTENT_ALLOC_ID)
+            self.assertIn(P2P_STATIC, alloc)
         check_counts(code, {".copy_(": inputs})
         if inputs == 1:
             check_counts(code, {P2P_ALLOC: 1})
@@ -194,7 +194,7 @@ class GraphInputStagingTest(SymmMemTestCase):
         )
         check_counts(code, {TRITON_KERNEL: 1, ".copy_(": 0})  # patch 2's copy
         (alloc,) = p2p_alloc_lines(code)
-        self.assertRegex(alloc, PER_SIZE_ALLOC_ID)  # persistent per size
+        self.assertIn(P2P_DYNAMIC, alloc)  # a growing site
 
     @levels(5)
     def test_config_off_takes_identity_copy(self) -> None:

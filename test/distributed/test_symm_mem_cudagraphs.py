@@ -55,6 +55,20 @@ def graph_input_one_shot(gname: str) -> Callable[..., torch.Tensor]:
     return model
 
 
+class CudaArray:
+    "Memory handed over by __cuda_array_interface__, as CuPy or Numba do"
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.owner = t
+        self.__cuda_array_interface__ = {
+            "shape": tuple(t.shape),
+            "typestr": "<f4",
+            "data": (t.data_ptr(), False),
+            "version": 3,
+            "strides": None,
+        }
+
+
 def tree_nodes() -> list[cudagraph_trees.CUDAGraphNode]:
     manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
     assert manager is not None
@@ -141,8 +155,9 @@ class CudagraphTreeTest(SymmMemTestCase):
         self._init_process()
         # Symbolic-size P2P buffers inside the CUDA graph: one written by the
         # mm (Inductor allocates it), one the identity copy of a graph input.
-        # Each has one persistent allocation per size (patch 2); a fresh
-        # allocation per call was freed during capture and aborted the process.
+        # Each is a growing site of the module's P2P buffers that keeps what it
+        # replaced while a graph recorded over it may replay (patch 1); a
+        # fresh allocation per call was freed during capture and aborted.
         gname = group_name()
         one_shot = torch.ops.symm_mem.one_shot_all_reduce
         models: dict[str, tuple[Fn, Fn]] = {
@@ -238,7 +253,10 @@ class CudagraphTreeTest(SymmMemTestCase):
         self.assertGreaterEqual(len(tree_nodes()), 1)
 
     @levels(3)
-    def test_p2p_input_is_static_and_not_copied(self) -> None:
+    def test_symmetric_graph_input_is_an_input_like_any_other(self) -> None:
+        """No storage is probed (Note [P2P buffers under CUDA graph trees]):
+        a user's symmetric tensor is a graph input like any other. Only
+        Inductor's own P2P buffers are static partition inputs."""
         self._init_process()
         gname = group_name()
 
@@ -249,7 +267,6 @@ class CudagraphTreeTest(SymmMemTestCase):
         p = symm.empty_strided_p2p(
             (256, 512), (512, 1), torch.float32, torch.device("cuda"), gname
         )
-        p_ptr = p.data_ptr()
         compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
         gen = self._gen(3)
         with torch._inductor.config.patch({"triton.slow_path_cudagraph_asserts": True}):
@@ -259,23 +276,51 @@ class CudagraphTreeTest(SymmMemTestCase):
                 torch.compiler.cudagraph_mark_step_begin()
                 out = compiled(p, y)
                 torch.testing.assert_close(out, nccl_all_reduce(p) + y)
-                self.assertEqual(p.data_ptr(), p_ptr)
-        nodes = tree_nodes()
-        self.assertEqual(len(nodes), 1)  # never re-recorded
-        (node,) = nodes
-        self.assertIn(0, node.static_input_idxs)
-        self.assertNotIn(0, node.non_static_input_idx)
+        (node,) = tree_nodes()  # never re-recorded
         if holds(3, 4):
-            # The partition reads p itself (patch 2's copy runs inside it).
-            self.assertEqual(node.static_input_data_ptrs[0], p_ptr)
+            # The partition reads p (patch 2's identity copy runs inside it):
+            # the tree copies p into the pool like y.
+            self.assertEqual(
+                counters["inductor"]["cudagraph_recorded_non_static_inputs"], 2
+            )
         else:
-            # Patch 5 fills a persistent staging buffer from p with copy_
-            # outside the partition, which gets that buffer instead of p.
-            self.assertNotEqual(node.static_input_data_ptrs[0], p_ptr)
-        # Only y was copied into the pool.
+            # [5/5] p is staged by copy_ in `call`; the partition takes the
+            # staging buffer as a static input and only y is copied.
+            self.assertEqual(
+                counters["inductor"]["cudagraph_recorded_non_static_inputs"], 1
+            )
+            self.assertEqual(len(node.static_input_idxs), 1)
+
+    @levels(0)
+    @parametrize("source", ["dlpack", "cuda_array_interface"])
+    def test_external_inputs_are_copied_not_rerecorded(self, source: str) -> None:
+        """A reduce-overhead function with no symm_mem op, called with memory
+        the caching allocator did not hand out (a new tensor every call): as
+        at stock, the input is copied into the graph's static input and the
+        graph is recorded once."""
+        self._init_process()
+        compiled = torch.compile(
+            lambda x: x * 2 + 1, mode="reduce-overhead", fullgraph=True
+        )
+        owners = [torch.randn(256, 512, device="cuda") for _ in range(20)]
+
+        def external(t: torch.Tensor) -> torch.Tensor:
+            if source == "dlpack":
+                return torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(t))
+            # what CuPy or Numba arrays hand over: torch wraps the pointer
+            # (at::from_blob) with a deleter of its own
+            return torch.as_tensor(CudaArray(t), device="cuda")
+
+        for it, owner in enumerate(owners):
+            x = external(owner)
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(x)
+            torch.testing.assert_close(out, owner * 2 + 1, msg=f"call {it}")
+        self.assertEqual(len(tree_nodes()), 1)
         self.assertEqual(
             counters["inductor"]["cudagraph_recorded_non_static_inputs"], 1
         )
+        self.assertEqual(counters["inductor"]["cudagraph_skips"], 0)
 
     @levels(0, 2)
     def test_pin_warmup_rendezvous_left_in_pool(self) -> None:

@@ -16,7 +16,6 @@ for (stack_level.py).
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,50 +38,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 import gpu_tier  # noqa: E402
 from code_stats import (  # noqa: E402
     P2P_ALLOC,
-    PER_SIZE_ALLOC_ID,
+    P2P_DYNAMIC,
     TRITON_KERNEL,
     CodeStats,
     check_counts,
-    p2p_alloc_lines,
 )
 from gpu_tier import (  # noqa: E402
     SymmMemTestCase,
     eight_layers,
     eight_layers_reference,
     group_name,
+    module_p2p_buffers,
     nccl_all_reduce,
+    poison_p2p_buffers,
     rank_values,
     rel_err,
 )
 from stack_level import holds, levels  # noqa: E402
-
-
-# A persistent P2P allocation of the generated code; group 1: its arguments.
-P2P_ALLOC_LINE = re.compile(
-    r"^\s*buf\d+ = empty_strided_p2p\((.*alloc_id=\d+)\)$", re.M
-)
-
-
-def poison_p2p_buffers(code: str) -> None:
-    """Fill every persistent P2P buffer of ``code`` with NaN on this rank.
-
-    ``empty_strided_p2p`` with the alloc_id of the generated code returns the
-    memory the compiled graph uses; the ranks sync before and after, so no
-    peer still reads the buffer and every buffer is poisoned before any rank
-    calls the graph again."""
-    calls = P2P_ALLOC_LINE.findall(code)
-    assert calls, "no persistent P2P allocation in the generated code"
-    empty_strided_p2p = torch._C._distributed_c10d._SymmetricMemory.empty_strided_p2p
-    torch.cuda.synchronize()
-    dist.barrier()
-    for args in calls:
-        buf = eval(  # the generated call's own arguments
-            f"empty_strided_p2p({args})",
-            {"empty_strided_p2p": empty_strided_p2p, "torch": torch},
-        )
-        buf.fill_(float("nan"))
-    torch.cuda.synchronize()
-    dist.barrier()
 
 
 @instantiate_parametrized_tests
@@ -193,6 +165,86 @@ class LoweringTest(SymmMemTestCase):
         with self.assertRaisesRegex(RuntimeError, "alloc_id"):
             self._two_graphs()
 
+    def _mm_returned_and_reduced(self) -> None:
+        gname = group_name()
+
+        def fn(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = x @ w
+            return y, torch.ops.symm_mem.one_shot_all_reduce(y, "sum", gname)
+
+        compiled = torch.compile(fn, fullgraph=True)
+        held = []
+        for it in range(3):
+            x = torch.randn(64, 128, device="cuda") + it
+            w = torch.randn(128, 256, device="cuda") * (dist.get_rank() + 1)
+            y, r = compiled(x, w)
+            torch.testing.assert_close(y, x @ w)
+            torch.testing.assert_close(r, nccl_all_reduce(x @ w))
+            held.append((y, (x @ w).clone()))
+        # the caller still holds every returned y, none was overwritten
+        for y, ref in held:
+            torch.testing.assert_close(y, ref)
+
+    @levels(1)
+    def test_p2p_buffer_that_is_a_graph_output_does_not_escape(self) -> None:
+        self._init_process()
+        self._mm_returned_and_reduced()
+
+    @levels(0, 0)
+    def test_pin_p2p_buffer_that_is_a_graph_output_fails(self) -> None:
+        self._init_process()
+        with self.assertRaisesRegex(RuntimeError, "alloc_id"):
+            self._mm_returned_and_reduced()
+
+    @levels(1)
+    def test_fx_graph_cache_hit_gets_buffers_of_its_own(self) -> None:
+        """Identical graphs, the second served by the FX graph cache: each
+        compiled module has P2P buffers of its own (no ids in the code)."""
+        self._init_process()
+        from torch._dynamo.utils import counters
+
+        gname = group_name()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(x * 2, "sum", gname)
+
+        x = torch.randn(64, 128, device="cuda") * (dist.get_rank() + 1)
+        with torch._inductor.config.patch(
+            {"fx_graph_cache": True, "force_disable_caches": False}
+        ):
+            first = torch.compile(fn, fullgraph=True)
+            torch.testing.assert_close(first(x), nccl_all_reduce(x * 2))
+            before = {t.data_ptr() for t in module_p2p_buffers()}
+            torch._dynamo.reset()
+            counters.clear()
+            second = torch.compile(fn, fullgraph=True)
+            torch.testing.assert_close(second(x), nccl_all_reduce(x * 2))
+            self.assertGreaterEqual(counters["inductor"]["fxgraph_cache_hit"], 1)
+        after = {t.data_ptr() for t in module_p2p_buffers()}
+        self.assertEqual(len(after - before), 1)  # the cached module's own
+        torch.testing.assert_close(first(x + 1), nccl_all_reduce(x * 2 + 2))
+
+    @levels(1)
+    def test_dynamic_site_memory_is_bounded(self) -> None:
+        """Default mode, 40 sizes: the site holds less than twice the bytes
+        of the largest size (Note [P2P buffers of a compiled module])."""
+        self._init_process()
+        gname = group_name()
+
+        def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(x @ w, "sum", gname)
+
+        compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+        since = gpu_tier.loaded_modules()
+        w = torch.randn(128, 256, device="cuda")
+        largest = 0
+        for it, n in enumerate(range(64, 64 + 40 * 97, 97)):
+            x = torch.randn(n, 128, device="cuda") + it
+            torch.testing.assert_close(compiled(x, w), nccl_all_reduce(x @ w))
+            largest = max(largest, n * 256 * 4)
+            held = sum(t.untyped_storage().nbytes() for t in module_p2p_buffers(since))
+            self.assertLess(held, 2 * largest)
+
     # [2/5] inputs Inductor does not allocate
 
     def _check_calls(
@@ -237,7 +289,7 @@ class LoweringTest(SymmMemTestCase):
                 for a in args:
                     torch._dynamo.mark_dynamic(a, 0)
             if poison and it > 0:
-                poison_p2p_buffers(code)
+                poison_p2p_buffers()
             if it == 0:  # run_and_get_code resets dynamo: first call only
                 out, (code, *_) = run_and_get_code(compiled, *args)
             else:
@@ -268,12 +320,10 @@ class LoweringTest(SymmMemTestCase):
         code = self._check_calls(
             fn, nccl_all_reduce, [[(96, 64)], [(160, 64)], [(33, 64)]], dynamic=True
         )
-        # dynamic: the identity copy into a P2P buffer persistent per size
-        check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})
-        (alloc,) = p2p_alloc_lines(code)
-        self.assertRegex(alloc, PER_SIZE_ALLOC_ID)
+        # dynamic: the identity copy into the site's growing P2P buffer
+        check_counts(code, {P2P_DYNAMIC: 1, TRITON_KERNEL: 1})
 
-    @levels(2)
+    @levels(1)
     def test_dynamic_mm_output_fed_to_one_shot(self) -> None:
         self._init_process()
         gname = group_name()
@@ -287,10 +337,8 @@ class LoweringTest(SymmMemTestCase):
             [[(n, 128), (128, 64)] for n in (96, 160, 33)],
             dynamic=True,
         )
-        # a P2P buffer persistent per size, written by the mm itself: no copy
-        check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 0})
-        (alloc,) = p2p_alloc_lines(code)
-        self.assertRegex(alloc, PER_SIZE_ALLOC_ID)
+        # the site's growing P2P buffer, written by the mm itself: no copy
+        check_counts(code, {P2P_DYNAMIC: 1, TRITON_KERNEL: 0})
 
     @levels(2)
     @parametrize(
@@ -358,18 +406,32 @@ class LoweringTest(SymmMemTestCase):
         def ref(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return nccl_all_reduce(y)
 
-        if not dynamic:
-            code = self._check_calls(fn, ref, [[(128, 256)] * 2] * 3)
-            if holds(2, 4):
-                check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})  # copy of x
-            else:
-                # [5/5] x is staged by copy_ into a persistent P2P buffer
-                check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 0, ".copy_(": 1})
-            return
-        shapes = [[(n, 64)] * 2 for n in (96, 160, 33)]
-        code = self._check_calls(fn, ref, shapes, dynamic=True)
-        # dynamic: x's identity copy into a P2P buffer persistent per size
-        check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})
+        shapes = (
+            [[(n, 64)] * 2 for n in (96, 160, 33)]
+            if dynamic
+            else [[(128, 256)] * 2] * 3
+        )
+        code = self._check_calls(fn, ref, shapes, dynamic=dynamic)
+        # [2/5] `symm_buffer` is scratch the kernel overwrites: a P2P buffer of
+        # its own, nothing of x is copied into it
+        check_counts(code, {P2P_ALLOC: 1, TRITON_KERNEL: 0, ".copy_(": 0})
+
+    @levels(2)
+    def test_one_shot_copy_leaves_the_callers_symm_buffer_alone(self) -> None:
+        self._init_process()
+        gname = group_name()
+
+        def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(x, y, "sum", gname)
+
+        compiled = torch.compile(fn, fullgraph=True)
+        x = torch.randn(128, 256, device="cuda")
+        before = x.clone()
+        for it in range(3):
+            y = torch.randn(128, 256, device="cuda") * (dist.get_rank() + 1) + it
+            torch.testing.assert_close(compiled(x, y), nccl_all_reduce(y))
+        # the schema says `symm_buffer` is read-only, and so it stays
+        torch.testing.assert_close(x, before, rtol=0, atol=0)
 
     @levels(2)
     def test_custom_op_output_fed_to_one_shot(self) -> None:

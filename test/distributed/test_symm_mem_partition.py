@@ -255,19 +255,30 @@ class SymmMemPartitionTest(PartitionCase):
         )
         self.assertIn("one_shot_all_reduce_out", fns["partition_1"])
 
-    @levels(4)
+    @levels(3)
     def test_region_produces_all_reduce_input(self) -> None:
         self._init_process()
-        # mm -> unsafe (writes the P2P buffer) -> all-reduce -> mm
-        fns = self.check(
-            lambda h: one_shot(unsafe_scale(h)),
-            lambda h: nccl_all_reduce(eager_scale(h)),
-            lambda h: one_shot(eager_scale(h)),
-        )
+        # mm -> unsafe (writes the P2P buffer) -> all-reduce -> mm. The P2P
+        # buffer is the module's own: allocated in the region once, at one
+        # address, and a static input of partition 1 (patch 3/5); never
+        # hoisted into partition 0 (patch 4/5).
+        model = TwoMatmuls(lambda h: one_shot(unsafe_scale(h)))
+        eager = TwoMatmuls(lambda h: nccl_all_reduce(eager_scale(h)))
+        eager.load_state_dict(model.state_dict())
+        fns = self.run_replays(model, eager)
+        self.assertEqual(sorted(fns), ["call", "partition_0", "partition_1"])
         buf = unsafe_out(fns["call"])
-        self.assertRegex(fns["partition_0"], rf"{buf} = empty_strided_p2p\(")
+        self.assertRegex(fns["call"], rf"{buf} = p2p_buffers\.static\(")
+        self.assertFalse(allocates(fns["partition_0"], buf))
         self.assertRegex(
             fns["partition_1"], rf"one_shot_all_reduce_out\.default\({buf}, "
+        )
+        self.assert_address_stable()
+        self.assert_partitions(3)
+        # no copy beyond those of the one-graph model
+        self.assertEqual(
+            copied_inputs(),
+            self.copies_without_region(lambda h: one_shot(eager_scale(h))),
         )
 
     @levels(4)
