@@ -366,10 +366,13 @@ class LoweringTest(SymmMemTestCase):
             torch.testing.assert_close(x, ref)  # mutated in place, as eager
 
     @levels(2)
+    @skip_if_lt_x_gpu(2)
     @parametrize(
         "dynamic", [False, True], name_fn=lambda d: "dynamic" if d else "static"
     )
     def test_graph_input_reduce_scatter_out(self, dynamic: bool) -> None:
+        """Needs 2 ranks: the reduce-scatter kernel refuses world size 1
+        ("Not implemented for world_size=1", seen on one H200)."""
         self._init_process()
         gname = group_name()
         world = dist.get_world_size()
