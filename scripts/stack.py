@@ -1244,6 +1244,174 @@ def check_headers(patch: Patch, total: int) -> list[str]:
     return problems
 
 
+@dataclass(frozen=True)
+class Section:
+    """One part of a patch file: the message (path None) or one file's diff."""
+
+    path: str | None
+    start: int  # line number in the patch file of its first line
+    lines: tuple[str, ...]
+
+    def blobs(self) -> tuple[str, str] | None:
+        """The (pre-image, post-image) blob ids of its `index` line."""
+        for line in self.lines:
+            match = _INDEX.match(line)
+            if match:
+                return match["old"], match["new"]
+        return None
+
+
+_DIFF_GIT = re.compile(r"^diff --git a/.* b/(?P<path>.*)$")
+_INDEX = re.compile(r"^index (?P<old>[0-9a-f]+)\.\.(?P<new>[0-9a-f]+)(?: [0-7]+)?$")
+
+
+def patch_sections(path: Path) -> list[Section]:
+    """Split a patch file at its `diff --git` lines."""
+    sections: list[Section] = []
+    name: str | None = None
+    start, lines = 1, []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        match = _DIFF_GIT.match(line)
+        if match:
+            sections.append(Section(name, start, tuple(lines)))
+            name, start, lines = match["path"], number, []
+        lines.append(line)
+    sections.append(Section(name, start, tuple(lines)))
+    return sections
+
+
+def is_position(line: str) -> bool:
+    """An `index` or `@@` line: it changes when an earlier patch moves the code."""
+    return line.startswith(("index ", "@@ "))
+
+
+def first_difference(ours: Section, theirs: Section, positions: bool) -> str | None:
+    """Line N: has X; export writes Y -- for the first line that differs.
+
+    With `positions` False, `index` and `@@` lines of a file's diff are not
+    compared (they hold the blob ids and line numbers, which an earlier patch
+    changes without this one being touched)."""
+    n = max(len(ours.lines), len(theirs.lines))
+    for i in range(n):
+        a = ours.lines[i] if i < len(ours.lines) else None
+        b = theirs.lines[i] if i < len(theirs.lines) else None
+        if a == b:
+            continue
+        masked = ours.path is not None and not positions
+        if masked and a is not None and b is not None and is_position(a):
+            if is_position(b):
+                continue
+        has = f"has {a!r}" if a is not None else "ends"
+        wants = f"export writes {b!r}" if b is not None else "export ends there"
+        return f"line {ours.start + i}: {has}; {wants}"
+    return None
+
+
+def blob_difference(
+    repo: Path, patch: Patch, path: str, written: str, applied: str
+) -> str:
+    """Where the file `patch` gives (blob `applied`) departs from the one export
+    wrote (blob `written`): the patch line, if `repo` still holds that blob."""
+    have = git(["cat-file", "-e", f"{written}^{{blob}}"], repo, check=False)
+    if have.returncode != 0:
+        return (
+            f"{path}: applying its hunks gives blob {applied[:12]}, its index line "
+            f"says export wrote {written[:12]} (the edited line cannot be read back "
+            f"from a blob id, and {repo} does not hold that blob)"
+        )
+    from unidiff import PatchSet  # file_changes has read the patch already
+
+    diff = git(["diff", "--no-color", "-U0", written, applied], repo).stdout
+    hunk = PatchSet(diff)[0][0]
+    added = [line for line in hunk if line.is_added]
+    removed = [line for line in hunk if line.is_removed]
+    wrote = added_line(removed[0].value) if removed else "nothing there"
+    if not added:
+        return (
+            f"{path} line {removed[0].source_line_no}: export wrote {wrote}, "
+            "which the patch lacks"
+        )
+    wanted = added[0].target_line_no
+    pfile = next(f for f in PatchSet(patch.path.read_text()) if f.path == path)
+    lines = [line for h in pfile for line in h if line.is_added]
+    where = next((x.diff_line_no for x in lines if x.target_line_no == wanted), None)
+    return (
+        f"line {where}: has {added_line(added[0].value)}; export wrote {wrote} "
+        f"({path} line {wanted})"
+    )
+
+
+def added_line(value: str) -> str:
+    return repr("+" + value.rstrip("\n"))
+
+
+def export_differences(repo: Path, pairs: Sequence[tuple[Patch, Path]]) -> list[str]:
+    """Each patch that differs from what export writes, with its first differing line.
+
+    Export's `index` lines name the blobs before and after each file's diff.  A
+    code line edited by hand shows as a post-image that is not the one named; it
+    also changes the pre-image, `index` and `@@` lines of every later patch to
+    that file, and those are not counted against the later patches."""
+    problems = []
+    moved: set[str] = set()  # files whose content differs from what export saw
+    for patch, canonical in pairs:
+        found = compare_to_export(repo, patch, canonical, moved)
+        if found:
+            problems.append(
+                f"{patch.name}: differs from what `{TOOL} export` writes: {found}; "
+                "import and export the series again (or restore the exported patch)"
+            )
+    return problems
+
+
+def compare_to_export(
+    repo: Path, patch: Patch, canonical: Path, moved: set[str]
+) -> str | None:
+    """How `patch` first differs from export's `canonical`, or None.
+
+    `moved` holds the files that an earlier patch left other than export saw
+    them; this patch's files of that kind are added to it."""
+    ours, theirs = patch_sections(patch.path), patch_sections(canonical)
+    export_of = {s.path: s for s in theirs[1:]}
+    files = [(mine, export_of.get(mine.path)) for mine in ours[1:]]
+    before = set(moved)
+    for mine, export in files:
+        blobs, applied = mine.blobs(), export.blobs() if export else None
+        if blobs and applied and not applied[1].startswith(blobs[1]):
+            moved.add(mine.path or "?")
+    if patch.name != canonical.name:
+        return f"export names it {canonical.name}"
+    if [s.path for s in ours] != [s.path for s in theirs]:
+        whole = [line for s in ours for line in s.lines]
+        wanted = [line for s in theirs for line in s.lines]
+        return first_difference(
+            Section(None, 1, tuple(whole)), Section(None, 1, tuple(wanted)), True
+        )
+    for mine, export in files:
+        assert export is not None  # the same paths, in the same order
+        found = first_difference(mine, export, positions=False)
+        if found:
+            return found
+    for mine, export in files:
+        assert export is not None
+        blobs, applied = mine.blobs(), export.blobs()
+        path = mine.path or "?"
+        if blobs and applied and not applied[0].startswith(blobs[0]):
+            if path in before:
+                continue  # an earlier patch changed the file; said there
+            return (
+                f"{path}: its index line says the file before it is blob "
+                f"{blobs[0][:12]}, it is {applied[0][:12]} (an edited index line, "
+                "or a patch written against another base)"
+            )
+        if blobs and applied and not applied[1].startswith(blobs[1]):
+            return blob_difference(repo, patch, path, blobs[1], applied[1])
+        found = first_difference(mine, export, positions=True)
+        if found:
+            return found
+    return first_difference(ours[0], theirs[0], positions=True)
+
+
 def check_applies(base: Path, patches: Sequence[Patch]) -> tuple[list[str], list[str]]:
     """Apply the series cumulatively on a scratch worktree of pin-base."""
     start = require_base(base)
@@ -1288,15 +1456,10 @@ def check_applies(base: Path, patches: Sequence[Patch]) -> tuple[list[str], list
                 names = canonical_patches(
                     worktree, start, "HEAD", canonical, check_messages=False
                 )
-                for patch, name in zip(patches, names, strict=False):
-                    same = patch.name == name and (
-                        patch.path.read_bytes() == (canonical / name).read_bytes()
-                    )
-                    if not same:
-                        notes.append(
-                            f"{patch.name}: differs from what `{TOOL} export` writes "
-                            f"({name}); re-export to make it canonical"
-                        )
+                pairs = zip(patches, names, strict=True)
+                problems += export_differences(
+                    base, [(p, canonical / n) for p, n in pairs]
+                )
     finally:
         git(["worktree", "remove", "--force", str(worktree)], base, check=False)
         git(["worktree", "prune"], base, check=False)
