@@ -1,4 +1,6 @@
-#!/usr/bin/env python3
+#!/usr/bin/env -S sh -c 'PATH="${0%/*}/../.venv/bin:$PATH" exec python3 "$0" "$@"'
+# ^ Run as `scripts/stack.py`, it runs under the repository's .venv/bin/python3
+# when there is one (else python3 on PATH); `PY scripts/stack.py` runs under PY.
 """Toolchain core for the symmetric-memory patch series against pinned PyTorch.
 
 Subcommands (``stack.py SUBCOMMAND --help`` lists each one's flags):
@@ -313,8 +315,10 @@ def file_changes(patch: Patch) -> list[FileChange]:
         from unidiff.errors import UnidiffParseError
     except ImportError:
         raise StackError(
-            f"python module unidiff is missing for {sys.executable}; "
-            "needs `pip install -r requirements-dev.txt`",
+            f"python module unidiff is missing for {sys.executable}, the interpreter "
+            "running stack.py; needs `PY -m pip install -r requirements-dev.txt` "
+            "there, or stack.py run by .venv/bin/python (which "
+            "scripts/apply_and_build.sh makes)",
             code=3,
         ) from None
     try:
