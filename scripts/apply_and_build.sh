@@ -106,11 +106,14 @@ while (($#)); do
 done
 
 load_pin
-if [[ -z "$UPTO" ]]; then
-    # every patch the series has (SERIES_LENGTH once it is complete)
-    UPTO="$(series_count "$SERIES_DIR")"
+[[ -d "$SERIES_DIR" ]] || die 2 "--series-dir $SERIES_DIR is not a directory; needs a series (patches/)"
+LENGTH="$(series_count "$SERIES_DIR")"
+# default: every patch the series has (SERIES_LENGTH once it is complete)
+UPTO="${UPTO:-$LENGTH}"
+if ! [[ "$UPTO" =~ ^[0-9]+$ ]] || ((10#$UPTO > LENGTH)); then
+    die 2 "--upto $UPTO: the series in $SERIES_DIR has $LENGTH patch(es); needs a number 0..$LENGTH"
 fi
-[[ "$UPTO" =~ ^[0-9]+$ ]] || die 2 "--upto is '$UPTO'; needs a number 0..N"
+UPTO=$((10#$UPTO))
 if [[ "$MODE" == installed ]]; then
     if ((CLONE)) || [[ -n "$SOURCE_ARG" ]]; then
         die 2 "--installed does not go with --source/--clone; needs one mode"
@@ -124,6 +127,26 @@ elif [[ -n "$SOURCE_ARG" || -n "${PYTORCH_SRC:-}" ]]; then
 fi
 if [[ "$MODE" != source ]] && ((WHEEL || NO_BUILD || FORCE)); then
     die 2 "--wheel, --no-build and --force belong to source mode (--source/--clone)"
+fi
+check_python "$PY_ARG" "$NO_VENV"
+
+# check_source: refuse a --source checkout that apply-source would refuse,
+# before anything is made or installed (stack.py apply-source --check).
+check_source() {
+    local force=() rc=0 err
+    [[ -d "$SOURCE" ]] || die 2 "source checkout $SOURCE is not a directory; needs a PyTorch clone"
+    SOURCE="$(cd "$SOURCE" && pwd)"
+    ((FORCE)) && force=(--force)
+    err="$("$CHECK_PY" "$STACK_PY" apply-source --check --source "$SOURCE" --upto "$UPTO" \
+        --series-dir "$SERIES_DIR" "${force[@]}" 2>&1 >/dev/null)" || rc=$?
+    if ((rc != 0)); then
+        [[ "$err" == *$'\n'* ]] || die "$rc" "${err#stack.py apply-source: error: }"
+        printf '%s\n' "$err" >&2
+        exit "$rc"
+    fi
+}
+if [[ "$MODE" == source && -n "$SOURCE" ]]; then
+    check_source
 fi
 export SYMM_STACK_LEVEL="$UPTO"
 
@@ -237,9 +260,8 @@ build_source() {
 source_mode() {
     if ((CLONE)); then
         clone_source
+        check_source
     fi
-    [[ -d "$SOURCE" ]] || die 2 "source checkout $SOURCE is not a directory; needs a PyTorch clone"
-    SOURCE="$(cd "$SOURCE" && pwd)"
     select_python "$PY_ARG" "$NO_VENV" "$ROOT/build/venv-source" 0
     local force=()
     ((FORCE)) && force=(--force)

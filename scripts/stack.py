@@ -295,7 +295,7 @@ def load_series(series_dir: Path, upto: int | None) -> list[Patch]:
     if not 0 <= upto <= len(names):
         raise StackError(
             f"--upto {upto}: the series in {series_dir} has {len(names)} patch(es); "
-            f"needs 0 <= N <= {len(names)}"
+            f"needs a number 0..{len(names)}"
         )
     return [
         Patch(i + 1, name, series_dir / name) for i, name in enumerate(names[:upto])
@@ -700,22 +700,7 @@ def make_branch(
     exclude_missing: bool,
 ) -> list[Exclusion]:
     """Apply `patches` on `start` and point `branch` there; all or nothing."""
-    if branch_exists(repo, branch) and not force:
-        raise StackError(
-            f"branch {branch} already exists in {repo}; needs --force to replace it"
-        )
-    state = operation_in_progress(repo)
-    if state:
-        raise StackError(
-            f"half-applied: {repo} has a git operation in progress ({state}); "
-            "needs `git am --abort` (or rebase/merge --abort) there first"
-        )
-    dirty = dirty_files(repo)
-    if dirty:
-        raise StackError(
-            f"{repo} has uncommitted changes to {', '.join(dirty[:10])}; "
-            "needs a clean checkout (commit or stash them)"
-        )
+    check_checkout(repo, branch, force=force)
     original = current_ref(repo)
     git(["checkout", "-q", "--detach", start], repo)
     excluded: list[Exclusion] = []
@@ -733,6 +718,26 @@ def make_branch(
         raise
     git(["checkout", "-q", "-B", branch], repo)
     return excluded
+
+
+def check_checkout(repo: Path, branch: str, *, force: bool) -> None:
+    """Refuse a checkout that `make_branch` must not touch."""
+    if branch_exists(repo, branch) and not force:
+        raise StackError(
+            f"branch {branch} already exists in {repo}; needs --force to replace it"
+        )
+    state = operation_in_progress(repo)
+    if state:
+        raise StackError(
+            f"half-applied: {repo} has a git operation in progress ({state}); "
+            "needs `git am --abort` (or rebase/merge --abort) there first"
+        )
+    dirty = dirty_files(repo)
+    if dirty:
+        raise StackError(
+            f"{repo} has uncommitted changes to {', '.join(dirty[:10])}; "
+            "needs a clean checkout (commit or stash them)"
+        )
 
 
 def import_record(base: Path) -> Path:
@@ -1536,7 +1541,12 @@ def cmd_apply_source(args: argparse.Namespace) -> int:
             f"half-applied: {source} has a git operation in progress ({state}); "
             "needs `git am --abort` (or rebase/merge --abort) there first"
         )
-    head = git(["rev-parse", "HEAD"], source).stdout.strip()
+    head = rev_parse(source, "HEAD")
+    if head is None:
+        raise StackError(
+            f"{source} has no commit checked out (an empty repository?); needs a "
+            f"PyTorch clone at {pin['TORCH_GIT_TAG']} ({pin['TORCH_GIT_COMMIT']})"
+        )
     if head != pin["TORCH_GIT_COMMIT"]:
         ref = current_ref(source)
         raise StackError(
@@ -1545,6 +1555,10 @@ def cmd_apply_source(args: argparse.Namespace) -> int:
         )
     patches = load_series(args.series_dir, args.upto)
     branch = f"symm-mem-stack-{len(patches)}"
+    if args.check:
+        check_checkout(source, branch, force=args.force)
+        log(f"{source}: ready for branch {branch} ({len(patches)} patch(es))")
+        return 0
     make_branch(source, head, branch, patches, force=args.force, exclude_missing=False)
     log(
         f"{source}: branch {branch}, {len(patches)} patch(es) on {pin['TORCH_GIT_TAG']}"
@@ -1691,6 +1705,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="replace branch symm-mem-stack-N if it exists",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the checkout and the series; apply nothing",
     )
 
     p = add("lint-patched", cmd_lint_patched, "ruff the patched torch files vs the pin")
