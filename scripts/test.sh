@@ -13,8 +13,8 @@ Usage: scripts/test.sh [--python PY] [--no-venv]
 
 Sets up .venv (the pinned torch wheel plus requirements-dev.txt, as
 scripts/apply_and_build.sh does) and runs, reporting each step:
-  1. lint: ruff check and ruff format --check on scripts/, test/ (and
-     benchmarks/); `stack.py lint-patched` on the patched torch files of the
+  1. lint: ruff check and ruff format --check on conftest.py, scripts/, test/
+     (and benchmarks/); `stack.py lint-patched` on the patched torch files of the
      full overlay (no ruff diagnostics or formatting drift beyond their pinned
      originals); shellcheck on scripts/*.sh and .ci/run; actionlint and zizmor
      on .github/workflows/*.yml
@@ -126,8 +126,8 @@ pytest_run() {
 
 python_dirs() {
     local dir
-    for dir in scripts test benchmarks; do
-        [[ -d "$dir" ]] && echo "$dir"
+    for dir in conftest.py scripts test benchmarks; do
+        [[ -e "$dir" ]] && echo "$dir"
     done
 }
 
