@@ -167,7 +167,9 @@ lowering_tests() {
             --nproc-per-node 2 -m pytest -v "$file" || rc=$?
         ((rc == 124)) && log "GPU tier timed out after ${GPU_TIMEOUT:-1200}s"
     else
-        echo "GPU tier skipped: $gpus CUDA GPU(s) visible, 2 needed"
+        TIER=CPU
+        GPU_SKIPPED="$gpus CUDA GPU(s) visible, 2 needed"
+        log "GPU tier skipped: $GPU_SKIPPED"
         file=test/distributed/test_symm_mem_lowering_cpu.py
         [[ -f "$file" ]] || die 1 "$file not found: the CPU tier of LoweringTest is not written yet"
         log "CPU tier: $file, level $SYMM_STACK_LEVEL"
@@ -175,10 +177,33 @@ lowering_tests() {
         ((rc == 5)) && log "pytest collected no tests: that counts as a failure"
     fi
     if ((rc != 0)); then
-        die 1 "LoweringTest failed (exit $rc) at level $SYMM_STACK_LEVEL"
+        summary "LoweringTest FAILED (exit $rc)"
+        exit 1
     fi
-    log "LoweringTest passed at level $SYMM_STACK_LEVEL"
+    summary "LoweringTest passed"
 }
+
+# summary OUTCOME: the job's last line: the outcome, the level, which tier ran
+# and, when the GPU tier did not, why.
+TIER=GPU
+GPU_SKIPPED=""
+SUMMARY_DONE=0
+summary() {
+    local tier=" on the $TIER tier"
+    if [[ -n "$GPU_SKIPPED" ]]; then
+        tier+=" only (GPU tier not run: $GPU_SKIPPED)"
+    fi
+    [[ "$1" == LoweringTest* ]] || tier=""
+    SUMMARY_DONE=1
+    log "summary: $1 at level $UPTO$tier"
+}
+# on_exit RC: any other way out after the checks above still ends with one.
+on_exit() {
+    if ((SUMMARY_DONE == 0 && $1 != 0)); then
+        summary "FAILED (exit $1) before LoweringTest ran"
+    fi
+}
+trap 'on_exit $?' EXIT
 
 # ------------------------------------------------------------------ wheel mode
 
@@ -200,7 +225,7 @@ wheel_mode() {
     (cd "$ROOT" && "$PY" -c 'import torch._inductor.lowering')
     log "overlay + import torch._inductor.lowering: $(seconds_since "$start") s (target: 15 s)"
     if ((NO_TESTS)); then
-        log "stopping before LoweringTest (--no-tests)"
+        summary "overlay and import ready, LoweringTest not run (--no-tests)"
         return 0
     fi
     lowering_tests
@@ -268,7 +293,7 @@ source_mode() {
     "$PY" "$STACK_PY" apply-source --source "$SOURCE" --upto "$UPTO" \
         --series-dir "$SERIES_DIR" "${force[@]}" >/dev/null
     if ((NO_BUILD)); then
-        log "stopping after the patches (--no-build): branch symm-mem-stack-$UPTO in $SOURCE"
+        summary "branch symm-mem-stack-$UPTO made in $SOURCE, not built, LoweringTest not run (--no-build)"
         return 0
     fi
     build_source
@@ -276,7 +301,7 @@ source_mode() {
     export PYTHONPATH
     report_torch built
     if ((NO_TESTS)); then
-        log "stopping before LoweringTest (--no-tests)"
+        summary "torch built, LoweringTest not run (--no-tests)"
         return 0
     fi
     lowering_tests
@@ -290,7 +315,7 @@ installed_mode() {
     export PYTHONPATH
     report_torch installed
     if ((NO_TESTS)); then
-        log "nothing to do (--installed with --no-tests)"
+        summary "nothing to do, LoweringTest not run (--installed with --no-tests)"
         return 0
     fi
     lowering_tests
