@@ -1,7 +1,7 @@
 """apply_and_build.sh's own output: one stream, one prefix, one closing summary.
 
 The interpreter is a stand-in that answers the GPU count with 0 and stands in
-for pytest; everything else goes to the real one.
+for pytest and the timed import; everything else goes to the real one.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def python(tmp_path: Path) -> Path:
         "#!/bin/bash\n"
         'case "$*" in\n'
         "    *torch.cuda.device_count*) echo 0; exit 0 ;;\n"
+        "    *'import torch._inductor.lowering'*) exit 0 ;;\n"
         '    "-m pytest "*) echo "pytest stand-in: $*"; exit "$PYTEST_RC" ;;\n'
         "esac\n"
         f'exec {sys.executable} "$@"\n'
