@@ -106,11 +106,14 @@ while (($#)); do
 done
 
 load_pin
-if [[ -z "$UPTO" ]]; then
-    # every patch the series has (SERIES_LENGTH once it is complete)
-    UPTO="$(series_count "$SERIES_DIR")"
+[[ -d "$SERIES_DIR" ]] || die 2 "--series-dir $SERIES_DIR is not a directory; needs a series (patches/)"
+LENGTH="$(series_count "$SERIES_DIR")"
+# default: every patch the series has (SERIES_LENGTH once it is complete)
+UPTO="${UPTO:-$LENGTH}"
+if ! [[ "$UPTO" =~ ^[0-9]+$ ]] || ((10#$UPTO > LENGTH)); then
+    die 2 "--upto $UPTO: the series in $SERIES_DIR has $LENGTH patch(es); needs a number 0..$LENGTH"
 fi
-[[ "$UPTO" =~ ^[0-9]+$ ]] || die 2 "--upto is '$UPTO'; needs a number 0..N"
+UPTO=$((10#$UPTO))
 if [[ "$MODE" == installed ]]; then
     if ((CLONE)) || [[ -n "$SOURCE_ARG" ]]; then
         die 2 "--installed does not go with --source/--clone; needs one mode"
@@ -124,6 +127,26 @@ elif [[ -n "$SOURCE_ARG" || -n "${PYTORCH_SRC:-}" ]]; then
 fi
 if [[ "$MODE" != source ]] && ((WHEEL || NO_BUILD || FORCE)); then
     die 2 "--wheel, --no-build and --force belong to source mode (--source/--clone)"
+fi
+check_python "$PY_ARG" "$NO_VENV"
+
+# check_source: refuse a --source checkout that apply-source would refuse,
+# before anything is made or installed (stack.py apply-source --check).
+check_source() {
+    local force=() rc=0 err
+    [[ -d "$SOURCE" ]] || die 2 "source checkout $SOURCE is not a directory; needs a PyTorch clone"
+    SOURCE="$(cd "$SOURCE" && pwd)"
+    ((FORCE)) && force=(--force)
+    err="$("$CHECK_PY" "$STACK_PY" apply-source --check --source "$SOURCE" --upto "$UPTO" \
+        --series-dir "$SERIES_DIR" "${force[@]}" 2>&1 >/dev/null)" || rc=$?
+    if ((rc != 0)); then
+        [[ "$err" == *$'\n'* ]] || die "$rc" "${err#stack.py apply-source: error: }"
+        printf '%s\n' "$err" >&2
+        exit "$rc"
+    fi
+}
+if [[ "$MODE" == source && -n "$SOURCE" ]]; then
+    check_source
 fi
 export SYMM_STACK_LEVEL="$UPTO"
 
@@ -143,7 +166,9 @@ lowering_tests() {
         timeout -k 30 "${GPU_TIMEOUT:-1200}" "$PY" -m pytest -v -rfEs "$file" || rc=$?
         ((rc == 124 || rc == 137)) && log "GPU tier timed out after ${GPU_TIMEOUT:-1200}s"
     else
-        echo "GPU tier skipped: no CUDA GPU visible, 1 needed"
+        TIER=CPU
+        GPU_SKIPPED="no CUDA GPU visible, 1 needed"
+        log "GPU tier skipped: $GPU_SKIPPED"
         file=test/distributed/test_symm_mem_lowering_cpu.py
         [[ -f "$file" ]] || die 1 "$file not found: the CPU tier of LoweringTest is not written yet"
         log "CPU tier: $file, level $SYMM_STACK_LEVEL"
@@ -151,10 +176,33 @@ lowering_tests() {
         ((rc == 5)) && log "pytest collected no tests: that counts as a failure"
     fi
     if ((rc != 0)); then
-        die 1 "LoweringTest failed (exit $rc) at level $SYMM_STACK_LEVEL"
+        summary "LoweringTest FAILED (exit $rc)"
+        exit 1
     fi
-    log "LoweringTest passed at level $SYMM_STACK_LEVEL"
+    summary "LoweringTest passed"
 }
+
+# summary OUTCOME: the job's last line: the outcome, the level, which tier ran
+# and, when the GPU tier did not, why.
+TIER=GPU
+GPU_SKIPPED=""
+SUMMARY_DONE=0
+summary() {
+    local tier=" on the $TIER tier"
+    if [[ -n "$GPU_SKIPPED" ]]; then
+        tier+=" only (GPU tier not run: $GPU_SKIPPED)"
+    fi
+    [[ "$1" == LoweringTest* ]] || tier=""
+    SUMMARY_DONE=1
+    log "summary: $1 at level $UPTO$tier"
+}
+# on_exit RC: any other way out after the checks above still ends with one.
+on_exit() {
+    if ((SUMMARY_DONE == 0 && $1 != 0)); then
+        summary "FAILED (exit $1) before LoweringTest ran"
+    fi
+}
+trap 'on_exit $?' EXIT
 
 # ------------------------------------------------------------------ wheel mode
 
@@ -176,7 +224,7 @@ wheel_mode() {
     (cd "$ROOT" && "$PY" -c 'import torch._inductor.lowering')
     log "overlay + import torch._inductor.lowering: $(seconds_since "$start") s (target: 15 s)"
     if ((NO_TESTS)); then
-        log "stopping before LoweringTest (--no-tests)"
+        summary "overlay and import ready, LoweringTest not run (--no-tests)"
         return 0
     fi
     lowering_tests
@@ -236,16 +284,15 @@ build_source() {
 source_mode() {
     if ((CLONE)); then
         clone_source
+        check_source
     fi
-    [[ -d "$SOURCE" ]] || die 2 "source checkout $SOURCE is not a directory; needs a PyTorch clone"
-    SOURCE="$(cd "$SOURCE" && pwd)"
     select_python "$PY_ARG" "$NO_VENV" "$ROOT/build/venv-source" 0
     local force=()
     ((FORCE)) && force=(--force)
     "$PY" "$STACK_PY" apply-source --source "$SOURCE" --upto "$UPTO" \
         --series-dir "$SERIES_DIR" "${force[@]}" >/dev/null
     if ((NO_BUILD)); then
-        log "stopping after the patches (--no-build): branch symm-mem-stack-$UPTO in $SOURCE"
+        summary "branch symm-mem-stack-$UPTO made in $SOURCE, not built, LoweringTest not run (--no-build)"
         return 0
     fi
     build_source
@@ -253,7 +300,7 @@ source_mode() {
     export PYTHONPATH
     report_torch built
     if ((NO_TESTS)); then
-        log "stopping before LoweringTest (--no-tests)"
+        summary "torch built, LoweringTest not run (--no-tests)"
         return 0
     fi
     lowering_tests
@@ -267,7 +314,7 @@ installed_mode() {
     export PYTHONPATH
     report_torch installed
     if ((NO_TESTS)); then
-        log "nothing to do (--installed with --no-tests)"
+        summary "nothing to do, LoweringTest not run (--installed with --no-tests)"
         return 0
     fi
     lowering_tests

@@ -218,7 +218,7 @@ else
   "$PY" "$ROOT/scripts/stack.py" check-torch --python "$PY" >/dev/null ||
     cannot_run "the default tree is made from the pinned torch; $PY's torch is not it"
   rc=0
-  "$PY" "$ROOT/scripts/stack.py" base --python "$PY" --out "$TREE" || rc=$?
+  "$PY" "$ROOT/scripts/stack.py" base --python "$PY" --out "$TREE" >/dev/null || rc=$?
   ((rc == 3)) && cannot_run "stack.py base: a tool it needs is missing (see above)"
   ((rc == 0)) || die_usage "stack.py base failed (exit $rc)"
   "$PY" "$ROOT/scripts/stack.py" import --base-dir "$TREE" --series-dir "$ROOT/patches" || rc=$?

@@ -11,6 +11,8 @@ TORCH_VERSION="" TORCH_GIT_TAG="" TORCH_GIT_COMMIT="" TORCH_WHEEL=""
 PYTHON_VERSION="" SERIES_LENGTH=""
 # Filled by select_python: the interpreter every later step uses.
 PY=""
+# Filled by check_python: the interpreter that runs (--no-venv) or makes the venv.
+CHECK_PY=""
 
 log() { printf '[%s] %s\n' "$STACK_LOG_PREFIX" "$*" >&2; }
 
@@ -69,23 +71,36 @@ seconds_since() {
     printf '%d.%d' $((us / 1000000)) $((us % 1000000 / 100000))
 }
 
-# ensure_venv DIR WITH_TORCH [BASE_PY]: create DIR as a venv (from BASE_PY, else
-# python$PYTHON_VERSION, else python3 if it is that version) and pip install
-# requirements-dev.txt, plus $TORCH_WHEEL when WITH_TORCH is 1.  A stamp file
-# skips pip while the Python version and requirements are unchanged.
-ensure_venv() {
-    local dir=$1 with_torch=$2 base=${3:-} version have stamp
-    if [[ -z "$base" ]]; then
-        if command -v "python$PYTHON_VERSION" >/dev/null 2>&1; then
-            base="python$PYTHON_VERSION"
-        elif command -v python3 >/dev/null 2>&1 &&
-            [[ "$(python_minor python3)" == "$PYTHON_VERSION" ]]; then
-            base=python3
-        else
-            die 2 "no python$PYTHON_VERSION on PATH, and python3 is not $PYTHON_VERSION; needs Python $PYTHON_VERSION (PIN) or --python PY"
-        fi
+# check_python PY_ARG NO_VENV: set CHECK_PY, or die 2 with one line.  With
+# NO_VENV=1 it is PY_ARG (default python3), used as it is; else the Python a
+# venv is made from: PY_ARG, else python$PYTHON_VERSION, else python3 if it is
+# that version.  Runs nothing but `PY -c` to see that it is a Python.
+check_python() {
+    local arg=$1 no_venv=$2 need="needs --python PY naming a Python $PYTHON_VERSION"
+    if [[ "$no_venv" == 1 ]]; then
+        CHECK_PY="${arg:-python3}"
+        need="needs --python PY naming a Python with torch $TORCH_VERSION installed"
+    elif [[ -n "$arg" ]]; then
+        CHECK_PY="$arg"
+    elif command -v "python$PYTHON_VERSION" >/dev/null 2>&1; then
+        CHECK_PY="python$PYTHON_VERSION"
+    elif command -v python3 >/dev/null 2>&1 &&
+        [[ "$(python_minor python3 2>/dev/null)" == "$PYTHON_VERSION" ]]; then
+        CHECK_PY=python3
+    else
+        die 2 "no python$PYTHON_VERSION on PATH, and python3 is not $PYTHON_VERSION; $need"
     fi
-    version="$(python_minor "$base")" || die 2 "cannot run $base; needs a working Python"
+    command -v "$CHECK_PY" >/dev/null 2>&1 || die 2 "interpreter $CHECK_PY not found; $need"
+    python_minor "$CHECK_PY" >/dev/null 2>&1 || die 2 "$CHECK_PY does not run as Python; $need"
+}
+
+# ensure_venv DIR WITH_TORCH BASE_PY: create DIR as a venv from BASE_PY (see
+# check_python) and pip install requirements-dev.txt, plus $TORCH_WHEEL when
+# WITH_TORCH is 1.  A stamp file skips pip while the Python version and
+# requirements are unchanged.
+ensure_venv() {
+    local dir=$1 with_torch=$2 base=$3 version have stamp
+    version="$(python_minor "$base")"
     have=""
     if [[ -x "$dir/bin/python" ]]; then
         have="$(python_minor "$dir/bin/python" 2>/dev/null || true)"
@@ -114,12 +129,12 @@ ensure_venv() {
 # PY_ARG (default python3) as it is, installing nothing; else ensure_venv.
 select_python() {
     local arg=$1 no_venv=$2 dir=$3 with_torch=$4
+    check_python "$arg" "$no_venv"
     if [[ "$no_venv" == 1 ]]; then
-        PY="${arg:-python3}"
-        command -v "$PY" >/dev/null 2>&1 || die 2 "interpreter $PY not found; needs --python PY"
+        PY="$CHECK_PY"
         log "using $PY (Python $(python_minor "$PY")) as it is: no venv, no pip"
     else
-        ensure_venv "$dir" "$with_torch" "$arg"
+        ensure_venv "$dir" "$with_torch" "$CHECK_PY"
     fi
 }
 

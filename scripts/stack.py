@@ -1,4 +1,6 @@
-#!/usr/bin/env python3
+#!/usr/bin/env -S sh -c 'PATH="${0%/*}/../.venv/bin:$PATH" exec python3 "$0" "$@"'
+# ^ Run as `scripts/stack.py`, it runs under the repository's .venv/bin/python3
+# when there is one (else python3 on PATH); `PY scripts/stack.py` runs under PY.
 """Toolchain core for the symmetric-memory patch series against pinned PyTorch.
 
 Subcommands (``stack.py SUBCOMMAND --help`` lists each one's flags):
@@ -293,7 +295,7 @@ def load_series(series_dir: Path, upto: int | None) -> list[Patch]:
     if not 0 <= upto <= len(names):
         raise StackError(
             f"--upto {upto}: the series in {series_dir} has {len(names)} patch(es); "
-            f"needs 0 <= N <= {len(names)}"
+            f"needs a number 0..{len(names)}"
         )
     return [
         Patch(i + 1, name, series_dir / name) for i, name in enumerate(names[:upto])
@@ -313,8 +315,10 @@ def file_changes(patch: Patch) -> list[FileChange]:
         from unidiff.errors import UnidiffParseError
     except ImportError:
         raise StackError(
-            f"python module unidiff is missing for {sys.executable}; "
-            "needs `pip install -r requirements-dev.txt`",
+            f"python module unidiff is missing for {sys.executable}, the interpreter "
+            "running stack.py; needs `PY -m pip install -r requirements-dev.txt` "
+            "there, or stack.py run by .venv/bin/python (which "
+            "scripts/apply_and_build.sh makes)",
             code=3,
         ) from None
     try:
@@ -696,22 +700,7 @@ def make_branch(
     exclude_missing: bool,
 ) -> list[Exclusion]:
     """Apply `patches` on `start` and point `branch` there; all or nothing."""
-    if branch_exists(repo, branch) and not force:
-        raise StackError(
-            f"branch {branch} already exists in {repo}; needs --force to replace it"
-        )
-    state = operation_in_progress(repo)
-    if state:
-        raise StackError(
-            f"half-applied: {repo} has a git operation in progress ({state}); "
-            "needs `git am --abort` (or rebase/merge --abort) there first"
-        )
-    dirty = dirty_files(repo)
-    if dirty:
-        raise StackError(
-            f"{repo} has uncommitted changes to {', '.join(dirty[:10])}; "
-            "needs a clean checkout (commit or stash them)"
-        )
+    check_checkout(repo, branch, force=force)
     original = current_ref(repo)
     git(["checkout", "-q", "--detach", start], repo)
     excluded: list[Exclusion] = []
@@ -729,6 +718,26 @@ def make_branch(
         raise
     git(["checkout", "-q", "-B", branch], repo)
     return excluded
+
+
+def check_checkout(repo: Path, branch: str, *, force: bool) -> None:
+    """Refuse a checkout that `make_branch` must not touch."""
+    if branch_exists(repo, branch) and not force:
+        raise StackError(
+            f"branch {branch} already exists in {repo}; needs --force to replace it"
+        )
+    state = operation_in_progress(repo)
+    if state:
+        raise StackError(
+            f"half-applied: {repo} has a git operation in progress ({state}); "
+            "needs `git am --abort` (or rebase/merge --abort) there first"
+        )
+    dirty = dirty_files(repo)
+    if dirty:
+        raise StackError(
+            f"{repo} has uncommitted changes to {', '.join(dirty[:10])}; "
+            "needs a clean checkout (commit or stash them)"
+        )
 
 
 def import_record(base: Path) -> Path:
@@ -1244,6 +1253,174 @@ def check_headers(patch: Patch, total: int) -> list[str]:
     return problems
 
 
+@dataclass(frozen=True)
+class Section:
+    """One part of a patch file: the message (path None) or one file's diff."""
+
+    path: str | None
+    start: int  # line number in the patch file of its first line
+    lines: tuple[str, ...]
+
+    def blobs(self) -> tuple[str, str] | None:
+        """The (pre-image, post-image) blob ids of its `index` line."""
+        for line in self.lines:
+            match = _INDEX.match(line)
+            if match:
+                return match["old"], match["new"]
+        return None
+
+
+_DIFF_GIT = re.compile(r"^diff --git a/.* b/(?P<path>.*)$")
+_INDEX = re.compile(r"^index (?P<old>[0-9a-f]+)\.\.(?P<new>[0-9a-f]+)(?: [0-7]+)?$")
+
+
+def patch_sections(path: Path) -> list[Section]:
+    """Split a patch file at its `diff --git` lines."""
+    sections: list[Section] = []
+    name: str | None = None
+    start, lines = 1, []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        match = _DIFF_GIT.match(line)
+        if match:
+            sections.append(Section(name, start, tuple(lines)))
+            name, start, lines = match["path"], number, []
+        lines.append(line)
+    sections.append(Section(name, start, tuple(lines)))
+    return sections
+
+
+def is_position(line: str) -> bool:
+    """An `index` or `@@` line: it changes when an earlier patch moves the code."""
+    return line.startswith(("index ", "@@ "))
+
+
+def first_difference(ours: Section, theirs: Section, positions: bool) -> str | None:
+    """Line N: has X; export writes Y -- for the first line that differs.
+
+    With `positions` False, `index` and `@@` lines of a file's diff are not
+    compared (they hold the blob ids and line numbers, which an earlier patch
+    changes without this one being touched)."""
+    n = max(len(ours.lines), len(theirs.lines))
+    for i in range(n):
+        a = ours.lines[i] if i < len(ours.lines) else None
+        b = theirs.lines[i] if i < len(theirs.lines) else None
+        if a == b:
+            continue
+        masked = ours.path is not None and not positions
+        if masked and a is not None and b is not None and is_position(a):
+            if is_position(b):
+                continue
+        has = f"has {a!r}" if a is not None else "ends"
+        wants = f"export writes {b!r}" if b is not None else "export ends there"
+        return f"line {ours.start + i}: {has}; {wants}"
+    return None
+
+
+def blob_difference(
+    repo: Path, patch: Patch, path: str, written: str, applied: str
+) -> str:
+    """Where the file `patch` gives (blob `applied`) departs from the one export
+    wrote (blob `written`): the patch line, if `repo` still holds that blob."""
+    have = git(["cat-file", "-e", f"{written}^{{blob}}"], repo, check=False)
+    if have.returncode != 0:
+        return (
+            f"{path}: applying its hunks gives blob {applied[:12]}, its index line "
+            f"says export wrote {written[:12]} (the edited line cannot be read back "
+            f"from a blob id, and {repo} does not hold that blob)"
+        )
+    from unidiff import PatchSet  # file_changes has read the patch already
+
+    diff = git(["diff", "--no-color", "-U0", written, applied], repo).stdout
+    hunk = PatchSet(diff)[0][0]
+    added = [line for line in hunk if line.is_added]
+    removed = [line for line in hunk if line.is_removed]
+    wrote = added_line(removed[0].value) if removed else "nothing there"
+    if not added:
+        return (
+            f"{path} line {removed[0].source_line_no}: export wrote {wrote}, "
+            "which the patch lacks"
+        )
+    wanted = added[0].target_line_no
+    pfile = next(f for f in PatchSet(patch.path.read_text()) if f.path == path)
+    lines = [line for h in pfile for line in h if line.is_added]
+    where = next((x.diff_line_no for x in lines if x.target_line_no == wanted), None)
+    return (
+        f"line {where}: has {added_line(added[0].value)}; export wrote {wrote} "
+        f"({path} line {wanted})"
+    )
+
+
+def added_line(value: str) -> str:
+    return repr("+" + value.rstrip("\n"))
+
+
+def export_differences(repo: Path, pairs: Sequence[tuple[Patch, Path]]) -> list[str]:
+    """Each patch that differs from what export writes, with its first differing line.
+
+    Export's `index` lines name the blobs before and after each file's diff.  A
+    code line edited by hand shows as a post-image that is not the one named; it
+    also changes the pre-image, `index` and `@@` lines of every later patch to
+    that file, and those are not counted against the later patches."""
+    problems = []
+    moved: set[str] = set()  # files whose content differs from what export saw
+    for patch, canonical in pairs:
+        found = compare_to_export(repo, patch, canonical, moved)
+        if found:
+            problems.append(
+                f"{patch.name}: differs from what `{TOOL} export` writes: {found}; "
+                "import and export the series again (or restore the exported patch)"
+            )
+    return problems
+
+
+def compare_to_export(
+    repo: Path, patch: Patch, canonical: Path, moved: set[str]
+) -> str | None:
+    """How `patch` first differs from export's `canonical`, or None.
+
+    `moved` holds the files that an earlier patch left other than export saw
+    them; this patch's files of that kind are added to it."""
+    ours, theirs = patch_sections(patch.path), patch_sections(canonical)
+    export_of = {s.path: s for s in theirs[1:]}
+    files = [(mine, export_of.get(mine.path)) for mine in ours[1:]]
+    before = set(moved)
+    for mine, export in files:
+        blobs, applied = mine.blobs(), export.blobs() if export else None
+        if blobs and applied and not applied[1].startswith(blobs[1]):
+            moved.add(mine.path or "?")
+    if patch.name != canonical.name:
+        return f"export names it {canonical.name}"
+    if [s.path for s in ours] != [s.path for s in theirs]:
+        whole = [line for s in ours for line in s.lines]
+        wanted = [line for s in theirs for line in s.lines]
+        return first_difference(
+            Section(None, 1, tuple(whole)), Section(None, 1, tuple(wanted)), True
+        )
+    for mine, export in files:
+        assert export is not None  # the same paths, in the same order
+        found = first_difference(mine, export, positions=False)
+        if found:
+            return found
+    for mine, export in files:
+        assert export is not None
+        blobs, applied = mine.blobs(), export.blobs()
+        path = mine.path or "?"
+        if blobs and applied and not applied[0].startswith(blobs[0]):
+            if path in before:
+                continue  # an earlier patch changed the file; said there
+            return (
+                f"{path}: its index line says the file before it is blob "
+                f"{blobs[0][:12]}, it is {applied[0][:12]} (an edited index line, "
+                "or a patch written against another base)"
+            )
+        if blobs and applied and not applied[1].startswith(blobs[1]):
+            return blob_difference(repo, patch, path, blobs[1], applied[1])
+        found = first_difference(mine, export, positions=True)
+        if found:
+            return found
+    return first_difference(ours[0], theirs[0], positions=True)
+
+
 def check_applies(base: Path, patches: Sequence[Patch]) -> tuple[list[str], list[str]]:
     """Apply the series cumulatively on a scratch worktree of pin-base."""
     start = require_base(base)
@@ -1288,15 +1465,10 @@ def check_applies(base: Path, patches: Sequence[Patch]) -> tuple[list[str], list
                 names = canonical_patches(
                     worktree, start, "HEAD", canonical, check_messages=False
                 )
-                for patch, name in zip(patches, names, strict=False):
-                    same = patch.name == name and (
-                        patch.path.read_bytes() == (canonical / name).read_bytes()
-                    )
-                    if not same:
-                        notes.append(
-                            f"{patch.name}: differs from what `{TOOL} export` writes "
-                            f"({name}); re-export to make it canonical"
-                        )
+                pairs = zip(patches, names, strict=True)
+                problems += export_differences(
+                    base, [(p, canonical / n) for p, n in pairs]
+                )
     finally:
         git(["worktree", "remove", "--force", str(worktree)], base, check=False)
         git(["worktree", "prune"], base, check=False)
@@ -1369,7 +1541,12 @@ def cmd_apply_source(args: argparse.Namespace) -> int:
             f"half-applied: {source} has a git operation in progress ({state}); "
             "needs `git am --abort` (or rebase/merge --abort) there first"
         )
-    head = git(["rev-parse", "HEAD"], source).stdout.strip()
+    head = rev_parse(source, "HEAD")
+    if head is None:
+        raise StackError(
+            f"{source} has no commit checked out (an empty repository?); needs a "
+            f"PyTorch clone at {pin['TORCH_GIT_TAG']} ({pin['TORCH_GIT_COMMIT']})"
+        )
     if head != pin["TORCH_GIT_COMMIT"]:
         ref = current_ref(source)
         raise StackError(
@@ -1378,6 +1555,10 @@ def cmd_apply_source(args: argparse.Namespace) -> int:
         )
     patches = load_series(args.series_dir, args.upto)
     branch = f"symm-mem-stack-{len(patches)}"
+    if args.check:
+        check_checkout(source, branch, force=args.force)
+        log(f"{source}: ready for branch {branch} ({len(patches)} patch(es))")
+        return 0
     make_branch(source, head, branch, patches, force=args.force, exclude_missing=False)
     log(
         f"{source}: branch {branch}, {len(patches)} patch(es) on {pin['TORCH_GIT_TAG']}"
@@ -1524,6 +1705,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="replace branch symm-mem-stack-N if it exists",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the checkout and the series; apply nothing",
     )
 
     p = add("lint-patched", cmd_lint_patched, "ruff the patched torch files vs the pin")

@@ -13,8 +13,8 @@ Usage: scripts/test.sh [--python PY] [--no-venv]
 
 Sets up .venv (the pinned torch wheel plus requirements-dev.txt, as
 scripts/apply_and_build.sh does) and runs, reporting each step:
-  1. lint: ruff check and ruff format --check on scripts/, test/ (and
-     benchmarks/); `stack.py lint-patched` on the patched torch files of the
+  1. lint: ruff check and ruff format --check on conftest.py, scripts/, test/
+     (and benchmarks/); `stack.py lint-patched` on the patched torch files of the
      full overlay (no ruff diagnostics or formatting drift beyond their pinned
      originals); shellcheck on scripts/*.sh and .ci/run; actionlint and zizmor
      on .github/workflows/*.yml
@@ -26,9 +26,13 @@ scripts/apply_and_build.sh does) and runs, reporting each step:
      series level 0..N (N = patches in the series): level 0 on the stock pin,
      level L on overlay L
 
-The last line is "P passed, F failed", counting steps; the exit status is 1 if
-any step failed or none passed.  A skipped step (tool or file not there yet)
-counts as neither and is listed with its reason.
+A skipped step (tool or file not there yet) counts as neither passed nor
+failed and is listed with its reason.
+
+The line before last counts steps: "steps: P passed, F failed, S skipped".
+The last line, "N passed, M failed, K skipped", sums pytest's own test totals
+over every pytest step (failed includes errors).  The exit status is 1 if any
+step failed or none passed.
 
 Options:
   --python PY   make the venv from PY; with --no-venv use PY as it is
@@ -113,10 +117,11 @@ tool() {
     fi
 }
 
-# pytest_run ARGS...: pytest -q; "no tests ran" (exit 5) is a failure.
+# pytest_run ARGS...: pytest -q; "no tests ran" (exit 5) is a failure.  Its
+# totals are appended to $TOTALS (conftest.py writes them).
 pytest_run() {
     local rc=0
-    "$PY" -m pytest -q -p no:cacheprovider "$@" || rc=$?
+    SYMM_STACK_PYTEST_TOTALS="$TOTALS" "$PY" -m pytest -q -p no:cacheprovider "$@" || rc=$?
     if ((rc == 5)); then
         log "pytest ran no tests: counted as a failure"
         return 1
@@ -126,8 +131,8 @@ pytest_run() {
 
 python_dirs() {
     local dir
-    for dir in scripts test benchmarks; do
-        [[ -d "$dir" ]] && echo "$dir"
+    for dir in conftest.py scripts test benchmarks; do
+        [[ -e "$dir" ]] && echo "$dir"
     done
 }
 
@@ -209,7 +214,9 @@ lint_zizmor() {
     mapfile -t files < <(workflows)
     ((${#files[@]})) || skipped "no .github/workflows/*.yml yet"
     zizmor="$(tool zizmor)"
-    "$zizmor" --offline --no-progress "${files[@]}"
+    local color=never
+    [[ -t 1 ]] && color=auto # with CI set, zizmor's auto colours a pipe too
+    "$zizmor" --offline --no-progress --color "$color" "${files[@]}"
 }
 
 series_integrity() {
@@ -249,6 +256,8 @@ cpu_tier() {
 
 STEP_DIR="$(mktemp -d)"
 trap 'rm -rf "$STEP_DIR"' EXIT
+TOTALS="$STEP_DIR/pytest-totals"
+: >"$TOTALS"
 
 step "lint: ruff check" lint_ruff_check
 step "lint: ruff format" lint_ruff_format
@@ -269,11 +278,17 @@ echo "==================== scripts/test.sh summary ===================="
 for name in "${PASSED[@]}"; do echo "PASS  $name"; done
 for name in "${SKIPPED[@]}"; do echo "SKIP  $name"; done
 for name in "${FAILED[@]}"; do echo "FAIL  $name"; done
-echo "${#PASSED[@]} passed, ${#FAILED[@]} failed"
-if ((${#FAILED[@]} > 0)); then
-    exit 1
-fi
 if ((${#PASSED[@]} == 0)); then
-    log "no step passed: nothing was tested"
+    echo "no step passed: nothing was tested"
+fi
+echo "steps: ${#PASSED[@]} passed, ${#FAILED[@]} failed, ${#SKIPPED[@]} skipped"
+tests_passed=0 tests_failed=0 tests_skipped=0
+while read -r passed failed skipped; do
+    tests_passed=$((tests_passed + passed))
+    tests_failed=$((tests_failed + failed))
+    tests_skipped=$((tests_skipped + skipped))
+done <"$TOTALS"
+echo "$tests_passed passed, $tests_failed failed, $tests_skipped skipped"
+if ((${#FAILED[@]} > 0 || ${#PASSED[@]} == 0)); then
     exit 1
 fi

@@ -280,3 +280,108 @@ def test_check_series_names_each_problem(
     for text in expected:
         assert text in proc.stderr, proc.stderr
     assert git(stack_base, "worktree", "list").count("\n") == 1
+
+
+def hand_edited(
+    stack_base: Path, stack_series: Path, tmp_path: Path, how: str
+) -> tuple[Path, str, list[str]]:
+    """The synthetic series with one patch edited by hand (not through export):
+    the series, the name of the edited patch, what check-series must say."""
+    series = tmp_path / how
+    shutil.copytree(stack_series, series)
+    first, second = sorted(series.glob("*.patch"))
+    if how == "code-line":
+        text = second.read_text()
+        second.write_text(
+            text.replace("tooling test: patch 2\n", "tooling test: two\n")
+        )
+        return (
+            series,
+            second.name,
+            [
+                "line 21: has '+    # symm-stack tooling test: two'; "
+                "export wrote '+    # symm-stack tooling test: patch 2' "
+                f"({TARGET} line 174)"
+            ],
+        )
+    if how in ("earlier-patch", "context-lines"):
+        # a hunk added at the top of the file: patch 2 still applies, 1 line
+        # lower, so its index and @@ lines are no longer what export wrote
+        top = [f" {line}\n" for line in (stack_base / TARGET).read_text().split("\n")]
+        if how == "earlier-patch":  # shaped as git writes it: 3 lines of context
+            hunk = f"@@ -1,4 +1,5 @@\n{top[0]}+# hand edit\n{''.join(top[1:4])}"
+        else:  # 2 lines of context after it, where git writes 3
+            hunk = f"@@ -1,3 +1,4 @@\n{top[0]}+# hand edit\n{''.join(top[1:3])}"
+        text = first.read_text()
+        text = text.replace("@@ -755,3 +755,5 @@", hunk + "@@ -755,3 +756,5 @@")
+        first.write_text(text)
+        if how == "context-lines":
+            return (
+                series,
+                first.name,
+                ["line 22: has '@@ -755,3 +756,5 @@", "export writes ' "],
+            )
+        return (
+            series,
+            first.name,
+            [
+                "line 19: has '+# hand edit'; export wrote nothing there",
+                f"({TARGET} line 2)",
+            ],
+        )
+    if how == "index-line":
+        text = second.read_text()
+        second.write_text(text.replace("index e16440e84f", "index 1111111111"))
+        return (
+            series,
+            second.name,
+            ["its index line says the file before it is blob 1111111111"],
+        )
+    if how == "hunk-header":
+        text = second.read_text()
+        second.write_text(text.replace("@@ -171,6 +171,7 @@", "@@ -170,6 +170,7 @@"))
+        return (
+            series,
+            second.name,
+            [
+                "line 17: has '@@ -170,6 +170,7 @@ def _should_lower_as_one_shot",
+                "export writes '@@ -171,6 +171,7 @@",
+            ],
+        )
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["code-line", "earlier-patch", "context-lines", "index-line", "hunk-header"],
+)
+def test_check_series_fails_on_a_hand_edited_patch_and_names_only_it(
+    stack_base: Path, stack_series: Path, tmp_path: Path, how: str
+) -> None:
+    series, edited, expected = hand_edited(stack_base, stack_series, tmp_path, how)
+    proc = stack("check-series", "--base-dir", stack_base, "--series-dir", series)
+    assert proc.returncode == 1, proc.stderr
+    failures = [line for line in proc.stderr.splitlines() if "FAIL" in line]
+    assert len(failures) == 1, proc.stderr
+    assert (
+        f"FAIL: {edited}: differs from what `scripts/stack.py export` writes"
+        in (failures[0])
+    )
+    for text in expected:
+        assert text in failures[0], failures[0]
+
+
+def test_check_series_names_the_file_when_the_line_cannot_be_known(
+    stack_series: Path, tmp_path: Path
+) -> None:
+    """A fresh base (as in CI) lacks the blob export wrote: file and blobs only."""
+    fresh = tmp_path / "base"
+    assert stack("base", "--out", fresh).returncode == 0
+    series, edited, _ = hand_edited(fresh, stack_series, tmp_path, "code-line")
+    proc = stack("check-series", "--base-dir", fresh, "--series-dir", series)
+    assert proc.returncode == 1, proc.stderr
+    failures = [line for line in proc.stderr.splitlines() if "FAIL" in line]
+    assert len(failures) == 1 and edited in failures[0], proc.stderr
+    assert f"{TARGET}: applying its hunks gives blob" in failures[0]
+    assert "its index line says export wrote 271e085c4827" in failures[0]
+    assert "cannot be read back" in failures[0]

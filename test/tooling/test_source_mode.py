@@ -11,7 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from tooling_helpers import APPLY, IDENTITY, PIN, REPO, TARGET, clean_env, git, run
+from tooling_helpers import (
+    APPLY,
+    IDENTITY,
+    PIN,
+    REPO,
+    STACK_PY,
+    TARGET,
+    clean_env,
+    git,
+    run,
+)
 
 
 BRANCH = "symm-mem-stack-2"
@@ -147,3 +157,92 @@ def test_bad_arguments_are_refused(args: list[str], needle: str) -> None:
     proc = run(["bash", APPLY, *args], env=clean_env())
     assert proc.returncode == 2
     assert needle in proc.stderr
+
+
+@pytest.fixture
+def spy(tmp_path: Path) -> tuple[Path, Path]:
+    """A --python that logs each call and refuses to make a venv or run pip."""
+    calls = tmp_path / "calls.log"
+    python = tmp_path / "spy" / "python3"
+    python.parent.mkdir()
+    python.write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >>{calls}\n'
+        'if [[ "$1 $2" == "-m venv" || "$1 $2" == "-m pip" ]]; then exit 1; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    return python, calls
+
+
+def refusal(args: list[str | Path], env: dict[str, str] | None = None) -> str:
+    """Run apply_and_build.sh; it must exit 2 with one line on stderr, no stdout."""
+    proc = run(["bash", APPLY, *args], env=env or clean_env())
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("[apply] error: "), lines[0]
+    return lines[0]
+
+
+def test_upto_beyond_the_series_is_refused_before_anything_runs(
+    stack_series: Path, spy: tuple[Path, Path]
+) -> None:
+    python, calls = spy
+    line = refusal(
+        ["--upto", "9", "--series-dir", stack_series, "--python", python, "--no-venv"]
+    )
+    assert line.endswith(
+        f"--upto 9: the series in {stack_series} has 2 patch(es); needs a number 0..2"
+    )
+    assert not calls.exists() or "stack.py" not in calls.read_text()
+    proc = run(
+        [python, STACK_PY, "overlay", "--upto", "9", "--series-dir", stack_series]
+    )
+    assert proc.returncode == 2
+    assert "has 2 patch(es); needs a number 0..2" in proc.stderr
+
+
+@pytest.mark.parametrize("no_venv", [[], ["--no-venv"]])
+def test_a_python_that_does_not_exist_is_one_line(no_venv: list[str]) -> None:
+    line = refusal(["--python", "/nonexistent/python3", *no_venv])
+    assert "interpreter /nonexistent/python3 not found; needs --python PY" in line
+    proc = run(["bash", REPO / "scripts/test.sh", "--python", "/nonexistent/python3"])
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "[test] error: interpreter /nonexistent/python3 not found; "
+        "needs --python PY naming a Python 3.11"
+    ]
+
+
+@pytest.mark.parametrize("kind", ["not-git", "empty-repo", "foreign"])
+def test_a_bad_source_is_refused_before_a_venv_is_made(
+    kind: str,
+    checkout: Path,
+    stack_series: Path,
+    spy: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    python, calls = spy
+    source = tmp_path / kind
+    source.mkdir()
+    env = clean_env()
+    if kind == "empty-repo":
+        git(source, "init", "-q")
+    if kind == "foreign":
+        source = checkout  # a clone of the base; the pin names another commit
+        env = clean_env(SYMM_STACK_PIN_FILE=str(pin_for(tmp_path, "1" * 40)))
+    line = refusal(
+        ["--source", source, "--series-dir", stack_series, "--python", python], env
+    )
+    needed = {
+        "not-git": f"{source} is not the top of a git checkout; needs a PyTorch clone",
+        "empty-repo": f"{source} has no commit checked out (an empty repository?); "
+        "needs a PyTorch clone at",
+        "foreign": f"foreign checkout: {source} HEAD is",
+    }[kind]
+    assert needed in line
+    made = calls.read_text().splitlines()
+    assert not [c for c in made if c.startswith(("-m venv", "-m pip"))], made
+    assert not (REPO / "build" / "venv-source").exists()

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
-from tooling_helpers import PIN, REPO, clean_env, git, installed_torch_dir, run, stack
+from tooling_helpers import (
+    PIN,
+    REPO,
+    STACK_PY,
+    clean_env,
+    git,
+    installed_torch_dir,
+    run,
+    stack,
+)
 
 
 PIN_COMMIT = PIN["TORCH_GIT_COMMIT"]
@@ -111,3 +123,46 @@ def test_bad_pin_file_is_refused_by_the_scripts(tmp_path: Path) -> None:
     proc = stack("check-torch", env=env)
     assert proc.returncode == 2
     assert "this is not a pin" in proc.stderr
+
+
+def executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def test_stack_py_run_as_a_command_uses_the_repository_venv(tmp_path: Path) -> None:
+    """`scripts/stack.py` from a fresh shell, whose python3 lacks torch."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy2(STACK_PY, repo / "scripts" / "stack.py")
+    shutil.copy2(REPO / "PIN", repo / "PIN")
+    executable(
+        tmp_path / "bin" / "python3", "#!/bin/sh\necho 'PATH python3' >&2\nexit 9\n"
+    )
+    env = clean_env(PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    command = [repo / "scripts" / "stack.py", "check-torch"]
+    proc = run(command, env=env)
+    assert (proc.returncode, proc.stderr) == (9, "PATH python3\n")  # no .venv yet
+    executable(
+        repo / ".venv" / "bin" / "python3", f'#!/bin/sh\nexec {sys.executable} "$@"\n'
+    )
+    proc = run(command, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == installed_torch_dir()
+
+
+def test_a_missing_module_names_the_interpreter_and_the_venv(
+    stack_base: Path, stack_series: Path
+) -> None:
+    proc = run(
+        [sys.executable, "-S", STACK_PY, "check-series"]
+        + ["--base-dir", stack_base, "--series-dir", stack_series]
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert (
+        f"unidiff is missing for {os.path.abspath(sys.executable)}, the interpreter "
+        "running stack.py" in proc.stderr
+    )
+    assert "run by .venv/bin/python" in proc.stderr
