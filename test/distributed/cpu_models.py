@@ -53,15 +53,6 @@ def graph_input_copy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return symm_mem.one_shot_all_reduce_copy(x, y, "sum", GROUP)
 
 
-def graph_input_multimem(x: torch.Tensor) -> torch.Tensor:
-    return symm_mem.multimem_one_shot_all_reduce(x, "sum", GROUP)
-
-
-def graph_input_tile_reduce(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    symm_mem.tile_reduce(x, out, 0, GROUP)
-    return out
-
-
 # A graph input fed straight to a symm_mem op that has an out overload:
 # (function, input shapes and dtypes, the out overload it is lowered to).
 GRAPH_INPUT_CASES = [
@@ -69,11 +60,6 @@ GRAPH_INPUT_CASES = [
         graph_input_one_shot,
         [((64, 32), BF16)],
         symm_mem.one_shot_all_reduce_out.default,
-    ),
-    (
-        graph_input_multimem,
-        [((64, 32), BF16)],
-        symm_mem.multimem_one_shot_all_reduce_out.default,
     ),
 ]
 # (one_shot_all_reduce_copy's `symm_buffer` is scratch from patch 2/5 on:

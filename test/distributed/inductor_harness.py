@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
 
+import sympy
 import torch
 import torch.distributed._symmetric_memory  # noqa: F401  (registers symm_mem meta kernels)
 from torch._dynamo.source import ConstantSource
@@ -31,59 +32,6 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
 GROUP = "0"  # group name baked into the traced graphs; lowering never resolves it
 
-
-def _register_missing_fakes() -> list[str]:
-    """Give symm_mem ops that stock torch ships without a Meta kernel one, so
-    they can be traced here.  Only ops torch lacks a kernel for are touched;
-    the names are returned so tests can tell what torch itself provides."""
-    from torch._library.simple_registry import singleton
-
-    # Ops whose result aliases a mutated argument return that argument;
-    # functional ones return a fresh tensor shaped like their input.
-    returns_arg = {
-        "one_shot_all_reduce_out": "out",
-        "one_shot_all_reduce_copy_out": "out",
-        "multimem_one_shot_all_reduce_out": "out",
-        "two_shot_all_reduce_": "input",
-        "two_shot_all_reduce_out": "output",
-        "reduce_scatter_out": "output",
-        "multimem_all_reduce_": "input",
-        "multimem_all_gather_out": "out",
-        "multimem_one_shot_reduce_out": "out",
-    }
-    functional = ["multimem_one_shot_all_reduce"]
-    registered = []
-    for name in [
-        *returns_arg,
-        *functional,
-        "all_to_all_vdev",
-        "tile_reduce",
-        "multi_root_tile_reduce",
-    ]:
-        qualname = f"symm_mem::{name}"
-        if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"):
-            continue
-        if singleton.find(qualname).fake_impl.kernel is not None:
-            continue
-        op = getattr(torch.ops.symm_mem, name).default
-        arg_names = [a.name for a in op._schema.arguments]
-
-        def fake(
-            *args: Any, _name: str = name, _names: list[str] = arg_names, **kwargs: Any
-        ) -> Any:
-            bound = dict(zip(_names, args, strict=False)) | kwargs
-            if _name in returns_arg:
-                return bound[returns_arg[_name]]
-            if _name in functional:
-                return torch.empty_like(args[0])
-            return None
-
-        torch.library.register_fake(qualname, fake)
-        registered.append(name)
-    return registered
-
-
-HARNESS_FAKES = _register_missing_fakes()
 
 _H100 = types.SimpleNamespace(
     name="NVIDIA H100 80GB HBM3 (fake)",
@@ -156,19 +104,29 @@ class Lowered:
         return self.graph.get_buffer(name).get_output_spec()
 
 
+class _LoadProbe:
+    """An ops handler for `is_identity_copy_of`: a load evaluates to
+    "load:NAME", any other op to "op:OP"."""
+
+    def load(self, name: str, index: object) -> str:
+        return f"load:{name}"
+
+    def __getattr__(self, op: str) -> Callable[..., str]:
+        return lambda *args, **kwargs: f"op:{op}"
+
+
 def is_identity_copy_of(lowered: Lowered, buf: ir.Buffer, name: str) -> bool:
-    """Whether ``buf`` is a Pointwise that only loads ``name``: an identity
-    copy, not a computation such as mul, add or relu."""
+    """Whether ``buf`` is a Pointwise whose value is the load of ``name``
+    itself: an identity copy, not a computation such as mul, add or relu.
+    Its inner function is evaluated with ops that record what they are."""
     data = getattr(buf, "data", None)
     if not isinstance(data, ir.Pointwise):
         return False
-    return (
-        lowered.reads(buf) == {name}
-        and "ops.load" in str(data)
-        and not any(
-            op in str(data) for op in ("ops.mul", "ops.add", "ops.relu", "ops.maximum")
-        )
-    )
+    index = [sympy.Symbol(f"i{d}") for d in range(len(data.ranges))]
+    with V.set_graph_handler(lowered.graph), V.set_ops_handler(_LoadProbe()):
+        value = data.inner_fn(index)
+    # the ops wrapper boxes what the handler returns
+    return getattr(value, "value", value) == f"load:{name}"
 
 
 def comm_layout_names(lowered: Lowered) -> list[str]:
