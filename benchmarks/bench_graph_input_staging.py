@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cuda_timing import median_step_time
+from cuda_timing import join_process_group, median_step_time
 
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "test" / "distributed"))
@@ -55,12 +55,7 @@ def run(steps: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
     from torch._inductor import config
     from torch._inductor.utils import run_and_get_code
 
-    rank = int(os.environ["RANK"])
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group(
-        "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
-    )
-    gname = dist.group.WORLD.group_name
+    rank, gname = join_process_group()
     device = torch.device("cuda", torch.cuda.current_device())
 
     def one_shot(x: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from cuda_timing import median_step_time
+from cuda_timing import join_process_group, median_step_time
 
 
 def device_used() -> int:
@@ -59,12 +58,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm_mem
 
-    rank = int(os.environ["RANK"])
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group(
-        "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
-    )
-    gname = dist.group.WORLD.group_name
+    rank, gname = join_process_group()
     rows: dict[str, Any] = {}
 
     def timed(name: str, fn: Callable[[], Any], steps: int) -> None:
@@ -183,12 +177,6 @@ def main() -> int:
     if args.table:
         table(args.table)
         return 0
-    for var, value in (
-        ("NCCL_NVLS_ENABLE", "0"),
-        ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-        ("NVSHMEM_DISABLE_NVLS", "1"),
-    ):
-        os.environ.setdefault(var, value)
     result = run(args)
     if args.json and result["rank"] == 0:
         with open(args.json, "w") as f:

@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parents[1] / "test" / "distributed"))
 
 from code_stats import CodeStats  # noqa: E402
-from cuda_timing import median_step_time  # noqa: E402
+from cuda_timing import join_process_group, median_step_time  # noqa: E402
 
 
 CONFIGS = (
@@ -54,12 +54,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch.distributed._functional_collectives as funcol
     from torch._inductor.utils import run_and_get_code
 
-    rank = int(os.environ["RANK"])
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group(
-        "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
-    )
-    gname = dist.group.WORLD.group_name
+    rank, gname = join_process_group()
     gen = torch.Generator(device="cuda").manual_seed(1 + rank)
     x = torch.randn(128, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
     ws = [

@@ -37,3 +37,30 @@ def median_step_time(fn: Callable[[], Any], steps: int, repeats: int = 7) -> Ste
         means.append(start.elapsed_time(end) * 1e3 / steps)
         hosts.append((t1 - t0) * 1e6 / steps)
     return StepTime(statistics.median(means), statistics.median(hosts))
+
+
+# Multicast stays off on shared machines (NVLink SHARP); set before NCCL or
+# symmetric memory start.
+MULTICAST_OFF = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def join_process_group() -> tuple[int, str]:
+    """Join the NCCL process group that torchrun describes, on this rank's
+    GPU, with multicast off; return the rank and the group's name."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    for var, value in MULTICAST_OFF.items():
+        os.environ.setdefault(var, value)
+    rank = int(os.environ["RANK"])
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dist.init_process_group(
+        "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
+    )
+    return rank, dist.group.WORLD.group_name

@@ -15,11 +15,11 @@ proxy installed before compiling). A steady state shows equal start and end.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from cuda_timing import join_process_group
 
 
 class P2PCounter:
@@ -53,12 +53,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     args = parser.parse_args()
 
-    rank = int(os.environ["RANK"])
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    dist.init_process_group(
-        "nccl", device_id=torch.device("cuda", torch.cuda.current_device())
-    )
+    rank, _ = join_process_group()
     c10d = torch._C._distributed_c10d
     counter = P2PCounter(c10d._SymmetricMemory)
     c10d._SymmetricMemory = counter  # type: ignore[misc]
