@@ -29,6 +29,7 @@ from torch._inductor import config
 sys.path.insert(0, str(Path(__file__).parent))
 
 import partition_ops  # noqa: E402
+from cpu_models import BF16, eight_layer_model  # noqa: E402
 from inductor_harness import GROUP, lower  # noqa: E402
 from partition_ops import allocates, functions, partition_args, returned, unsafe_outs  # noqa: E402
 from stack_level import levels  # noqa: E402
@@ -234,6 +235,36 @@ class PinRegionAllocatesTest(unittest.TestCase):
         first, second = unsafe_outs(fns["call"])  # one output per region
         for buf in (first, second):
             self.assertTrue(allocates(fns["call"], buf), fns["call"])
+
+
+class HoistFlagTest(unittest.TestCase):
+    """[4/5] `config.graph_partition_hoist_region_allocations` gates the
+    hoisting, and only graphs with a region see it."""
+
+    FLAG = "graph_partition_hoist_region_allocations"
+
+    @levels(4)
+    def test_flag_off_leaves_the_region_output_in_the_region(self) -> None:
+        with config.patch({self.FLAG: False}):
+            code, fns = generate(mm_unsafe_relu_mm, MM_INPUTS)
+        (buf,) = unsafe_outs(fns["call"])
+        self.assertTrue(allocates(fns["call"], buf), fns["call"])
+        self.assertFalse(allocates(fns["partition_0"], buf))
+
+    @levels(4)
+    def test_graphs_without_regions_are_byte_identical(self) -> None:
+        eight_layer_inputs = [((128, 256), BF16)] + [((256, 256), BF16)] * 8
+        cases = [
+            ("mm_relu_mm", lambda x, w1, w2: torch.relu(x @ w1) @ w2, MM_INPUTS),
+            ("eight_layers", eight_layer_model, eight_layer_inputs),
+        ]
+        for name, fn, inputs in cases:
+            with self.subTest(case=name):
+                codes = []
+                for on in (True, False):
+                    with config.patch({self.FLAG: on}):
+                        codes.append(generate(fn, inputs)[0])
+                self.assertEqual(codes[0], codes[1])
 
 
 class UnchangedTest(unittest.TestCase):
