@@ -7,8 +7,9 @@ allocator sends this thread's allocations to a CUDA graph's private pool (what
 cudagraph trees do during warm-up under ``torch.compile(mode="reduce-overhead")``),
 the tables land in that pool and the cudagraph tree fails with "Detected 2
 tensor(s) in the cudagraph pool not tracked as outputs".  They are also never
-freed.  The fix takes them from plain ``cudaMalloc`` and frees them in a new
-destructor.
+freed.  The fix takes them from plain ``cudaMalloc``; its new destructor
+hands them over (no CUDA call, safe during a capture) and the next
+rendezvous frees them.
 
 What runs here, on one GPU, without a process group:
 
@@ -318,9 +319,9 @@ class InstalledPeerAllocInfoTest(unittest.TestCase):
     def test_no_leak_over_many_objects(self) -> None:
         # 500 objects with 1024 peers: two 8 KiB tables each, ~8 MiB in all if
         # nothing is freed.  The pin leaks them as caching-allocator blocks
-        # (memory_allocated grows); the fix frees them with cudaFree (device
-        # free memory stays put; cudaMalloc'd memory is not in
-        # memory_allocated).
+        # (memory_allocated grows); the fix frees each object's tables with
+        # cudaFree when the next one is made (device free memory stays put;
+        # cudaMalloc'd memory is not in memory_allocated).
         device = torch.cuda.current_device()
         world_size, rounds = 1024, 500
         torch.cuda.synchronize()
@@ -349,7 +350,8 @@ class InstalledPeerAllocInfoTest(unittest.TestCase):
                 self.assertEqual(pointer_device(sdev), 1)
         finally:
             self.release(handle)
-        # The destructor (fix) switches to device 1 to free, then switches back.
+        # The destructor (fix) makes no CUDA call; freeing later switches to
+        # device 1 and back.
         self.assertEqual(torch.cuda.current_device(), 0)
 
 
