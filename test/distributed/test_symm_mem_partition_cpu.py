@@ -69,6 +69,16 @@ def mm_one_shot_unsafe_mm(
     return partition_ops.unsafe_scale(r) @ w2
 
 
+def mm_read_by_region_and_all_reduce(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mm's output is the all-reduce's P2P buffer and also the region's
+    input: it is produced in partition 0 and read after the region."""
+    y = x @ w1
+    u = partition_ops.unsafe_scale(y)
+    return symm_mem.one_shot_all_reduce(y, "sum", GROUP) @ w2, u
+
+
 def two_regions(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     u = partition_ops.unsafe_scale(x @ w1)
     v = partition_ops.unsafe_scale(torch.relu(u) @ w2)
@@ -206,6 +216,25 @@ class PinRegionAllocatesTest(unittest.TestCase):
         (buf,) = unsafe_outs(fns["call"])
         self.assert_in_region(fns, buf)
         self.assertRegex(fns["call"], rf"{buf} = p2p_buffers\.static\(")
+
+    @levels(3)
+    def test_p2p_buffer_leaving_a_partition_disables_cudagraphs(self) -> None:
+        # [3/5] a P2P buffer would be an output of a CUDA-graph partition,
+        # which the tree would take for pool memory: the graph runs without
+        # CUDA graphs, with the reason logged.
+        with partitioned():
+            lowered = lower(mm_read_by_region_and_all_reduce, MM_INPUTS)
+        reason = lowered.graph.disable_cudagraphs_reason
+        self.assertIsNotNone(reason)
+        self.assertRegex(
+            reason, r"P2P buffer buf\d+ would be an output of a cudagraph partition"
+        )
+
+    @levels(0, 2)
+    def test_pin_p2p_buffer_leaving_a_partition_keeps_cudagraphs(self) -> None:
+        with partitioned():
+            lowered = lower(mm_read_by_region_and_all_reduce, MM_INPUTS)
+        self.assertIsNone(lowered.graph.disable_cudagraphs_reason)
 
     @levels(3)
     def test_p2p_region_output_is_a_static_input_of_the_next_partition(
