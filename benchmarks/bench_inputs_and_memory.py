@@ -13,6 +13,8 @@ Rows (CUDA-event medians, `step_us`, and the host time to issue a step,
     `symm_mem.empty` tensor, rendezvoused, fed to `one_shot_all_reduce`: the
     eager op on that pre-staged input, and the compiled function in the
     default mode and under reduce-overhead;
+  - plain input {1,64} MB default: the compiled function on an ordinary
+    tensor (at the pin the op refuses it; from patch 5 on, one `copy_`);
 and the memory a dynamic-shape graph holds after 100 sizes of 16-18 MB
 (`one_shot_all_reduce(x @ w)`, default mode): device memory in use
 (cudaMemGetInfo, which also sees symmetric-memory mappings) over the start.
@@ -98,6 +100,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         x.fill_(1)
         symm_mem.rendezvous(x, gname)
         timed(f"symm input {mb} MB eager", lambda x=x: reduce(x), 200)
+        plain = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+        fn = torch.compile(reduce, fullgraph=True)
+        timed(f"plain input {mb} MB default", lambda p=plain, f=fn: f(p), 200)
         for mode in ("default", "reduce-overhead"):
             fn = torch.compile(
                 reduce, mode=None if mode == "default" else mode, fullgraph=True

@@ -41,9 +41,13 @@ TRITON_KERNEL = "@triton.jit"  # one per generated Triton kernel (identity copie
 # One per P2P allocation site: from patch 1/5 on, a site of the module's
 # `p2p_buffers` (Note [P2P buffers of a compiled module]), of static or of
 # symbolic size; at the pin, an `empty_strided_p2p` call with an alloc_id.
+# From patch 5/5 on, a static-shape graph input of a symm_mem op is a site of
+# its own, which passes the input through or copies it into the site's buffer
+# (Note [Symmetric graph inputs]).
 P2P_ALLOC = "= p2p_buffers."
 P2P_STATIC = "= p2p_buffers.static("
 P2P_DYNAMIC = "= p2p_buffers.dynamic("
+P2P_GRAPH_INPUT = "= p2p_buffers.graph_input("
 PIN_P2P_ALLOC = "= empty_strided_p2p("
 P2P_ALLOC_RE = r"= (?:empty_strided_p2p|p2p_buffers\.(?:static|dynamic))\("
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -173,3 +174,18 @@ def poison_p2p_buffers() -> None:
         buf.fill_(float("nan"))
     torch.cuda.synchronize()
     dist.barrier()
+
+
+def tree_nodes() -> list[Any]:
+    "Every node of the current device's CUDA graph tree"
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
+    assert manager is not None
+    nodes = []
+    pending = [n for roots in manager.roots.values() for n in roots]
+    while pending:
+        node = pending.pop()
+        nodes.append(node)
+        pending.extend(n for kids in node.children.values() for n in kids)
+    return nodes

@@ -139,7 +139,7 @@ def comm_layout_names(lowered: Lowered) -> list[str]:
 
 def lower(
     fn: Callable[..., Any],
-    inputs: Sequence[tuple[Sequence[int], torch.dtype]],
+    inputs: Sequence[tuple[Any, ...]],
     *,
     codegen: bool = True,
     dynamic: bool = False,
@@ -147,6 +147,8 @@ def lower(
 ) -> Lowered:
     """Trace ``fn`` on fake CUDA tensors of the given shapes and lower it.
 
+    Each input is ``(shape, dtype)``, or ``(shape, dtype, stride)`` for a
+    static input of the given strides.
     With ``dynamic=True`` every dimension of every input is symbolic; with
     ``functionalize=True`` the graph is functionalized as torch.compile does.
     """
@@ -156,7 +158,13 @@ def lower(
     # real CUDA context when torch.cuda.is_available() says yes.
     with mode:
         args = []
-        for i, (shape, dtype) in enumerate(inputs):
+        for i, (shape, dtype, *stride) in enumerate(inputs):
+            if stride:
+                (strides,) = stride
+                args.append(
+                    torch.empty_strided(shape, strides, dtype=dtype, device="cuda")
+                )
+                continue
             if dynamic:
                 shape = [
                     shape_env.create_unspecified_symint_and_symbol(

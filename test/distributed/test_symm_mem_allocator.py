@@ -1,21 +1,26 @@
-"""[5/5] Static graph inputs of symm_mem ops staged by `copy_`, GPU tier.
+"""[5/5] Static graph inputs of symm_mem ops: passed through when they are
+symmetric memory, else staged by one `copy_`.  GPU tier.
 
 One rank per visible CUDA GPU, world size 1 included
 (``MultiProcContinuousTest``; no torchrun):
 
     python -m pytest -v test/distributed/test_symm_mem_allocator.py
 
-A static-shape graph input of a symm_mem op gets one persistent P2P staging
-buffer, filled by `staging.copy_(input)` on every call (no identity-copy
-kernel); inputs of symbolic shape still take patch 2's identity copy.  Results
-are compared with an eager NCCL all_reduce (the identity at world size 1).  The
-reduce-overhead and graph partition variants also rely on patches 3 and 4 (CUDA
-graph trees with P2P inputs), so they hold from level 5 on like the rest of
-this file.  The CPU tier is test_symm_mem_allocator_cpu.py.
+A static-shape graph input of a symm_mem op is a site of the module's
+`p2p_buffers` (Note [Symmetric graph inputs]): a tensor from
+`symm_mem.empty()` or from the symmetric memory pool passes through, any
+other is copied into the site's persistent P2P buffer; inputs of symbolic
+shape still take patch 2's identity copy.  Copies are counted from the
+profiler (Memcpy DtoD events and copy kernels), results compared with an
+eager NCCL all_reduce (the identity at world size 1).  The reduce-overhead
+and graph partition variants also rely on patches 3 and 4 (CUDA graph trees
+with P2P inputs), so they hold from level 5 on like the rest of this file.
+The CPU tier is test_symm_mem_allocator_cpu.py.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -23,7 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed._symmetric_memory as symm_mem
+from torch._inductor import cudagraph_trees
 from torch._inductor.utils import run_and_get_code
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 from torch.testing import FileCheck
 from torch.testing._internal.common_utils import (
     instantiate_parametrized_tests,
@@ -37,12 +46,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from code_stats import (  # noqa: E402
     P2P_ALLOC,
     P2P_DYNAMIC,
+    P2P_GRAPH_INPUT,
     P2P_STATIC,
     TRITON_KERNEL,
     check_counts,
     p2p_alloc_lines,
 )
-from gpu_tier import SymmMemTestCase, group_name, nccl_all_reduce  # noqa: E402
+from gpu_tier import (  # noqa: E402
+    SymmMemTestCase,
+    group_name,
+    loaded_modules,
+    module_p2p_buffers,
+    nccl_all_reduce,
+    tree_nodes,
+)
 from stack_level import levels  # noqa: E402
 
 
@@ -66,6 +83,7 @@ class GraphInputStagingTest(SymmMemTestCase):
         """Compile `fn`, call it `calls` times with new values, compare every
         result with `ref`; return the code of the first call."""
         compiled = torch.compile(fn, fullgraph=True, **compile_kwargs)
+        self._since = loaded_modules()
         code = ""
         for it in range(calls):
             args = self._inputs(it, shapes(it))
@@ -80,15 +98,11 @@ class GraphInputStagingTest(SymmMemTestCase):
         return code
 
     def _assert_staged_once_per_input(self, code: str, inputs: int) -> None:
-        # one persistent P2P buffer per input at most (a later staging buffer
-        # may reuse an earlier one), filled by one copy_ per input
-        allocs = p2p_alloc_lines(code)
-        self.assertTrue(1 <= len(allocs) <= inputs, allocs)
-        for alloc in allocs:
-            self.assertIn(P2P_STATIC, alloc)
-        check_counts(code, {".copy_(": inputs})
-        if inputs == 1:
-            check_counts(code, {P2P_ALLOC: 1})
+        # one graph-input site per input, which copies at run time (these
+        # inputs are not symmetric memory): no allocation or copy in the code
+        check_counts(code, {P2P_GRAPH_INPUT: inputs, P2P_ALLOC: inputs, ".copy_(": 0})
+        sites = len(module_p2p_buffers(self._since))
+        self.assertEqual(sites, inputs)
 
     def _one_shot(self) -> Callable[[torch.Tensor], torch.Tensor]:
         gname = group_name()
@@ -170,18 +184,15 @@ class GraphInputStagingTest(SymmMemTestCase):
         check_counts(code, {TRITON_KERNEL: 0})
         if not graph_partition:
             return
-        # With graph_partition the copy runs outside the CUDA graph on every
-        # call; the partition gets the persistent staging buffer as a (static)
-        # P2P input.  In call: the staging copy_, then the partition.
-        FileCheck().check("def call(self, args):").check(".copy_(").check(
+        # With graph_partition the site runs outside the CUDA graph on every
+        # call; the partition gets what it returns as a (static) P2P input.
+        staged = re.search(r"(buf\d+) = p2p_buffers\.graph_input\(", code)
+        assert staged is not None, code
+        FileCheck().check("def call(self, args):").check(staged.group(0)).check(
+            "partition0_args = ["
+        ).check_same(f"{staged.group(1)},").check(
             "self.partitions[0](partition0_args)"
         ).run(code)
-        body = code[code.index("def call(self, args):") :]
-        staging = re.search(r"\b(buf\d+)\.copy_\(", body)
-        assert staging is not None
-        args = re.search(r"partition0_args = \[([^\]]*)\]", body)
-        assert args is not None, body
-        self.assertIn(staging.group(1), args.group(1))
 
     @levels(5)
     def test_dynamic_graph_input_takes_identity_copy(self) -> None:
@@ -208,6 +219,161 @@ class GraphInputStagingTest(SymmMemTestCase):
                 self._one_shot(), nccl_all_reduce, lambda it: [(256, 512)], calls=10
             )
         check_counts(code, {TRITON_KERNEL: 1, ".copy_(": 0})
+
+
+
+def device_copies(fn: Callable[[], object], calls: int) -> tuple[int, list[str]]:
+    """Run ``fn`` ``calls`` times under the profiler: the copies the device
+    made (Memcpy DtoD events and copy kernels; a dense ``copy_`` is a memcpy,
+    the tree's input copy a kernel), and the names of all device work."""
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    copies = [n for n in names if "Memcpy DtoD" in n or "copy" in n.lower()]
+    return len(copies), names
+
+
+def symmetric_tensor(source: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if source == "empty":
+        return symm_mem.empty(shape, device="cuda")
+    # an ordinary allocation in the symmetric memory pool
+    with torch.cuda.use_mem_pool(symm_mem.get_mem_pool(torch.device("cuda"))):
+        return torch.empty(shape, device="cuda")
+
+
+MODES = {
+    "default": {},
+    "reduce_overhead": {"mode": "reduce-overhead"},
+}
+
+
+@instantiate_parametrized_tests
+class SymmetricGraphInputTest(SymmMemTestCase):
+    """Note [Symmetric graph inputs]: what each kind of input costs per call."""
+
+    SHAPE = (256, 512)
+
+    def _init_process(self) -> None:
+        super()._init_process()
+        cudagraph_trees.reset_cudagraph_trees()
+
+    def _compiled(self, mode: str, graph_partition: bool = True) -> Callable:
+        gname = group_name()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(x, "sum", gname)
+
+        compiled = torch.compile(fn, fullgraph=True, **MODES[mode])
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            torch.compiler.cudagraph_mark_step_begin()
+            with torch._inductor.config.patch(graph_partition=graph_partition):
+                return compiled(x)
+
+        return call
+
+    def _check(self, call: Callable, x: torch.Tensor, it: int) -> None:
+        gen = torch.Generator(device="cuda").manual_seed(it + 7 * dist.get_rank())
+        x.copy_(torch.randn(x.shape, device="cuda", generator=gen))
+        out = call(x).clone()
+        torch.testing.assert_close(out, nccl_all_reduce(x), msg=f"call {it}")
+
+    def _copies_per_call(self, call: Callable, x: torch.Tensor) -> int:
+        for it in range(3):  # compile, warm up, record
+            self._check(call, x, it)
+        copies, names = device_copies(lambda: call(x), CALLS)
+        for it in range(3, 6):  # still right after the profiled calls
+            self._check(call, x, it)
+        self.assertEqual(copies % CALLS, 0, names[:20])
+        return copies // CALLS
+
+    @levels(5)
+    @parametrize("mode", list(MODES))
+    @parametrize("source", ["empty", "mem_pool"])
+    def test_symmetric_input_costs_no_copy(self, mode: str, source: str) -> None:
+        self._init_process()
+        call = self._compiled(mode)
+        x = symmetric_tensor(source, self.SHAPE)
+        self.assertEqual(self._copies_per_call(call, x), 0)
+
+    @levels(5)
+    @parametrize("mode", list(MODES))
+    def test_non_symmetric_input_costs_one_copy(self, mode: str) -> None:
+        self._init_process()
+        call = self._compiled(mode)
+        x = torch.empty(self.SHAPE, device="cuda")
+        self.assertEqual(self._copies_per_call(call, x), 1)
+
+    @levels(5)
+    @parametrize("source", ["empty", "plain"])
+    def test_without_graph_partition_two_copies(self, source: str) -> None:
+        # One CUDA graph holds the whole call: the tree copies the input into
+        # its static input, then the graph's `copy_` into the staging buffer.
+        self._init_process()
+        call = self._compiled("reduce_overhead", graph_partition=False)
+        if source == "empty":
+            x = symmetric_tensor("empty", self.SHAPE)
+        else:
+            x = torch.empty(self.SHAPE, device="cuda")
+        self.assertEqual(self._copies_per_call(call, x), 2)
+
+    @levels(5)
+    @parametrize("mode", list(MODES))
+    def test_symmetric_inputs_at_new_addresses(self, mode: str) -> None:
+        # Two symmetric inputs in turn. Default mode passes both through;
+        # under CUDA graphs the site passes only the first address through and
+        # copies the other, so the tree records at most twice, never per call.
+        self._init_process()
+        call = self._compiled(mode)
+        a, b = (symmetric_tensor("empty", self.SHAPE) for _ in range(2))
+        for it in range(6):
+            self._check(call, (a, b)[it % 2], it)
+        copies, names = device_copies(lambda: (call(a), call(b)), CALLS)
+        self.assertEqual(copies, 0 if mode == "default" else CALLS, names[:20])
+        if mode == "reduce_overhead":
+            self.assertLessEqual(len(tree_nodes()), 2)
+
+    @levels(5)
+    def test_external_inputs_are_copied_not_rerecorded(self) -> None:
+        # A new DLPack tensor every call under CUDA graphs: one copy each into
+        # the staging buffer, whose address the one recording keeps.
+        self._init_process()
+        call = self._compiled("reduce_overhead")
+        owners = [torch.randn(self.SHAPE, device="cuda") for _ in range(20)]
+        for it, owner in enumerate(owners):
+            x = torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(owner))
+            out = call(x).clone()
+            torch.testing.assert_close(out, nccl_all_reduce(owner), msg=f"call {it}")
+        self.assertEqual(len(tree_nodes()), 1)
+
+
+class SymmetricGraphInputNoImplicitPoolTest(SymmetricGraphInputTest):
+    """The same with ``TORCH_SYMMMEM_IMPLICIT_POOL=0``: ``symm_mem.empty()``
+    allocates outside the pool, and still passes through."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        # read by the workers, which inherit the environment at spawn
+        cls._saved = os.environ.get("TORCH_SYMMMEM_IMPLICIT_POOL")
+        os.environ["TORCH_SYMMMEM_IMPLICIT_POOL"] = "0"
+        try:
+            super().setUpClass()
+        finally:
+            cls._restore()
+
+    @classmethod
+    def _restore(cls) -> None:
+        if cls._saved is None:
+            os.environ.pop("TORCH_SYMMMEM_IMPLICIT_POOL", None)
+        else:
+            os.environ["TORCH_SYMMMEM_IMPLICIT_POOL"] = cls._saved
+
+    @levels(5)
+    def test_implicit_pool_is_off(self) -> None:
+        self._init_process()
+        self.assertFalse(symm_mem._should_use_implicit_mempool())
 
 
 if __name__ == "__main__":

@@ -5,31 +5,32 @@ GPU, no process group.  The GPU tier is test_symm_mem_allocator.py.
 
 Which path `_maybe_realize_symm_mem` takes for an input of a symm_mem op:
   1. Inductor allocates it: the buffer itself becomes P2P (CommBufferLayout);
-  2. a static-shape graph input: a persistent P2P staging buffer, filled by
-     `staging.copy_(input)` on every call (CommBufferStagingCopy);
+  2. a static-shape graph input: a `SymmMemGraphInput`, which at run time is
+     the input itself when it is symmetric memory, else a persistent P2P
+     staging buffer filled by one `copy_` (Note [Symmetric graph inputs]);
   3. anything else (symbolic shapes, views, fallback outputs): patch 2's
      pointwise identity copy.
 """
 
 from __future__ import annotations
 
-import re
 import sys
-import tempfile
 import unittest
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch._inductor import config, ir
 from torch._inductor.virtualized import V
+from torch.testing import FileCheck
+from torch.testing._internal.common_distributed import MultiProcessTestCase
 
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from code_stats import (  # noqa: E402
     P2P_DYNAMIC,
-    P2P_STATIC,
     p2p_alloc_lines,
 )
 from cpu_models import (  # noqa: E402
@@ -67,10 +68,8 @@ def one_shot_then_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return symm_mem.one_shot_all_reduce(x, "sum", GROUP) @ w
 
 
-def _staging_copies(lowered: Lowered) -> list[Any]:
-    from torch._inductor.comm_lowering import CommBufferStagingCopy
-
-    return lowered.ops(CommBufferStagingCopy)
+def _graph_inputs(lowered: Lowered) -> list[Any]:
+    return lowered.ops(ir.SymmMemGraphInput)
 
 
 def _call_body(code: str) -> str:
@@ -174,64 +173,75 @@ class AllocatorTypeTest(unittest.TestCase):
 class InputPathTest(unittest.TestCase):
     """Which of the three paths each kind of symm_mem input takes."""
 
-    def _assert_staged(self, lowered: Lowered, staging: Any, input_index: int) -> None:
-        self.assertIsInstance(staging.layout, ir.CommBufferLayout)
-        self.assertEqual(staging.layout.allocator, ir.AllocatorType.symm_mem(GROUP))
-        (src,) = staging.inputs
+    def _assert_graph_input(
+        self, lowered: Lowered, node: Any, input_index: int, site: int
+    ) -> None:
+        self.assertIsInstance(node.layout, ir.CommBufferLayout)
+        self.assertEqual(node.layout.allocator, ir.AllocatorType.symm_mem(GROUP))
+        (src,) = node.inputs
         self.assertIsInstance(src, ir.InputBuffer)
         self.assertEqual(src.get_name(), lowered.input_name(input_index))
+        self.assertIn(node.get_name(), lowered.graph.never_reuse_buffers)
         assert lowered.code is not None
-        body = _call_body(lowered.code)
-        self.assertIn(f"{staging.get_name()}.copy_({src.get_name()}, False)", body)
-        # The staging buffer is a persistent P2P allocation made before the
-        # copy, or reuses a P2P buffer that is free by then (comm buffers are
-        # only ever reused for comm buffers).
-        name = staging.get_name()
-        allocs = [ln for ln in p2p_alloc_lines(body) if ln.startswith(f"{name} = ")]
-        reuse = re.search(rf"{name} = (buf\d+); del \1  # reuse", body)
-        if reuse is None:
-            (alloc,) = allocs
-            self.assertIn(P2P_STATIC, alloc)
-            made_at = body.index(alloc)
-        else:
-            self.assertEqual(allocs, [])
-            self.assertIn(reuse.group(1), comm_layout_names(lowered))
-            made_at = reuse.start()
-        self.assertLess(made_at, body.index(f"{name}.copy_("))
+        # made in `call` from the argument, then read by the op
+        FileCheck().check("def call(").check(
+            f"{node.get_name()} = p2p_buffers.graph_input({site}, "
+            f"{src.get_name()}, '{GROUP}', pass_through=True, cudagraphs=False)"
+        ).check(
+            "torch.ops.symm_mem.one_shot_all_reduce_out.default("
+            f"{node.get_name()}, 'sum', '{GROUP}', out="
+        ).run(lowered.code)
 
-    def test_static_graph_input_is_staged_without_kernel(self) -> None:
+    def test_static_graph_input_passes_through_or_is_staged(self) -> None:
         for fn, inputs, out_op in GRAPH_INPUT_CASES:
             with self.subTest(fn=fn.__name__):
                 lowered = lower(fn, inputs)
-                (staging,) = _staging_copies(lowered)
-                self._assert_staged(lowered, staging, 0)
-                (node,) = lowered.by_op(out_op)
-                self.assertEqual(node.inputs[0].get_name(), staging.get_name())
-                self.assertEqual(comm_layout_names(lowered), [staging.get_name()])
+                (node,) = _graph_inputs(lowered)
+                self._assert_graph_input(lowered, node, 0, site=0)
+                (op,) = lowered.by_op(out_op)
+                self.assertEqual(op.inputs[0].get_name(), node.get_name())
+                self.assertEqual(comm_layout_names(lowered), [node.get_name()])
                 assert lowered.code is not None
-                self.assertEqual(len(p2p_alloc_lines(lowered.code)), 1)
-                self.assertEqual(lowered.code.count(".copy_("), 1)
-                # no Triton identity copy (and no other kernel)
-                self.assertNotIn("@triton.jit", lowered.code)
+                # no P2P buffer of Inductor's, no copy and no kernel in the
+                # code: the staging buffer is the site's, made at run time
+                self.assertEqual(p2p_alloc_lines(lowered.code), [])
+                FileCheck().check_count(".copy_(", 0, exactly=True).check_count(
+                    "@triton.jit", 0, exactly=True
+                ).run(lowered.code)
                 self.assertFalse(lowered.ops(ir.ComputedBuffer))
 
-    def test_one_staging_buffer_per_input(self) -> None:
+    def test_one_site_per_input(self) -> None:
         lowered = lower(two_inputs, [((64, 32), BF16)] * 2)
-        stagings = _staging_copies(lowered)
-        self.assertEqual(len(stagings), 2)
-        for i, staging in enumerate(stagings):
-            self._assert_staged(lowered, staging, i)
+        nodes = _graph_inputs(lowered)
+        self.assertEqual(len(nodes), 2)
+        for i, node in enumerate(nodes):
+            self._assert_graph_input(lowered, node, i, site=i)
         assert lowered.code is not None
-        self.assertEqual(lowered.code.count(".copy_("), 2)
-        # the second staging buffer reuses the first: one P2P allocation
-        (alloc,) = p2p_alloc_lines(lowered.code)
-        self.assertIn(P2P_STATIC, alloc)
         # only the final add is a kernel
-        self.assertEqual(lowered.code.count("@triton.jit"), 1)
+        FileCheck().check_count("@triton.jit", 1, exactly=True).run(lowered.code)
+
+    def test_layouts_the_op_cannot_take_are_staged(self) -> None:
+        # x itself can serve only at the dense strides, at an offset of a
+        # multiple of 4 bytes: otherwise the site always copies.
+        cases = {
+            "dense": ((64, 32), BF16, (32, 1)),
+            "size-1 dim": ((1, 32), BF16, (7, 1)),
+            "transposed": ((64, 32), BF16, (1, 64)),
+            "padded": ((64, 32), BF16, (40, 1)),
+        }
+        for name, inp in cases.items():
+            with self.subTest(layout=name):
+                lowered = lower(graph_input_one_shot, [inp])
+                (node,) = _graph_inputs(lowered)
+                self.assertEqual(node.pass_through, name in ("dense", "size-1 dim"))
+                assert lowered.code is not None
+                FileCheck().check(f"pass_through={node.pass_through},").run(
+                    lowered.code
+                )
 
     def test_dynamic_graph_input_takes_identity_copy(self) -> None:
         lowered = lower(graph_input_one_shot, [((64, 32), BF16)], dynamic=True)
-        self.assertEqual(_staging_copies(lowered), [])
+        self.assertEqual(_graph_inputs(lowered), [])
         (p2p,) = comm_layout_names(lowered)
         buf = lowered.graph.get_buffer(p2p)
         self.assertTrue(is_identity_copy_of(lowered, buf, lowered.input_name(0)))
@@ -243,13 +253,13 @@ class InputPathTest(unittest.TestCase):
 
     def test_view_of_graph_input_takes_identity_copy(self) -> None:
         lowered = lower(graph_input_view, [((64, 32), BF16)])
-        self.assertEqual(_staging_copies(lowered), [])
+        self.assertEqual(_graph_inputs(lowered), [])
         assert lowered.code is not None
         self.assertIn("@triton.jit", lowered.code)
 
     def test_fallback_output_takes_identity_copy(self) -> None:
         lowered = lower(custom_op_output, [((64, 32), BF16)])
-        self.assertEqual(_staging_copies(lowered), [])
+        self.assertEqual(_graph_inputs(lowered), [])
         (fallback,) = lowered.by_op(torch.ops.symm_stack_test.scale.default)
         (p2p,) = comm_layout_names(lowered)
         buf = lowered.graph.get_buffer(p2p)
@@ -263,7 +273,7 @@ class InputPathTest(unittest.TestCase):
 
     def test_inductor_buffer_becomes_comm_buffer(self) -> None:
         lowered = lower(mm_one_shot, [((64, 128), BF16), ((128, 32), BF16)])
-        self.assertEqual(_staging_copies(lowered), [])
+        self.assertEqual(_graph_inputs(lowered), [])
         (p2p,) = comm_layout_names(lowered)
         buf = lowered.graph.get_buffer(p2p)
         # the mm writes the P2P buffer itself: no copy of any kind
@@ -277,82 +287,203 @@ class InputPathTest(unittest.TestCase):
     def test_config_off_takes_identity_copy(self) -> None:
         with config.patch({"_collective.stage_graph_inputs_in_symm_mem": False}):
             lowered = lower(graph_input_one_shot, [((64, 32), BF16)])
-        self.assertEqual(_staging_copies(lowered), [])
+        self.assertEqual(_graph_inputs(lowered), [])
         (p2p,) = comm_layout_names(lowered)
         buf = lowered.graph.get_buffer(p2p)
         self.assertTrue(is_identity_copy_of(lowered, buf, lowered.input_name(0)))
         assert lowered.code is not None
         self.assertEqual(lowered.code.count("@triton.jit"), 1)
 
-    def test_cudagraph_partition_gets_the_staging_buffer_as_input(self) -> None:
+
+@levels(5)
+class GraphInputPlacementTest(unittest.TestCase):
+    """Note [Symmetric graph inputs]: the decision runs outside CUDA graphs."""
+
+    def _lower(self, graph_partition: bool) -> tuple[Lowered, Any]:
+        with config.patch(
+            {"triton.cudagraphs": True, "graph_partition": graph_partition}
+        ):
+            lowered = lower(one_shot_then_mm, [((64, 32), BF16), ((32, 32), BF16)])
+        (node,) = _graph_inputs(lowered)
+        return lowered, node
+
+    def test_graph_partition_decides_in_call(self) -> None:
+        lowered, node = self._lower(graph_partition=True)
+        name = node.get_name()
+        assert lowered.code is not None
+        self.assertTrue(node.pass_through)
+        # In `call`, before the partition that gets its result as an input;
+        # never inside a partition.
+        FileCheck().check("def partition_0(args):").check_not(
+            "p2p_buffers.graph_input("
+        ).check("def call(self, args):").check(
+            f"{name} = p2p_buffers.graph_input(0, "
+        ).check_same("pass_through=True, cudagraphs=True)").check(
+            "partition0_args = ["
+        ).check_same(f"{name},").check("self.partitions[0](partition0_args)").run(
+            lowered.code
+        )
+        scheduler = lowered.graph.scheduler
+        (snode,) = [n for n in scheduler.nodes if n.node is node]
         with config.patch({"triton.cudagraphs": True, "graph_partition": True}):
-            lowered = lower(one_shot_then_mm, [((64, 32), BF16), ((32, 32), BF16)])
-        (staging,) = _staging_copies(lowered)
-        name = staging.get_name()
+            reason = scheduler.should_partition(snode)
+        self.assertEqual(reason, "symm_mem graph input")
+
+    def test_without_graph_partition_always_copies(self) -> None:
+        # One CUDA graph holds the whole `call`: a replay would repeat the
+        # first call's choice, so the site always copies.
+        lowered, node = self._lower(graph_partition=False)
+        self.assertFalse(node.pass_through)
         assert lowered.code is not None
-        body = _call_body(lowered.code)
-        # The copy runs in `call` on every call, outside the CUDA graph; the
-        # partition receives the persistent P2P buffer.
-        copy_at = body.index(f"{name}.copy_(")
-        args = re.search(r"partition0_args = \[([^\]]*)\]", body)
-        assert args is not None
-        self.assertIn(name, [a.strip() for a in args.group(1).split(",")])
-        self.assertLess(copy_at, args.start())
-        (alloc,) = p2p_alloc_lines(lowered.code)
-        self.assertTrue(alloc.startswith(f"{name} = "), alloc)
-        self.assertIn(alloc, body)
-        partition = lowered.code[: lowered.code.index("class Runner")]
-        self.assertIn("def partition_0(args):", partition)
-        self.assertNotIn("empty_strided_p2p(", partition.split("def partition_0")[1])
+        FileCheck().check("def call(args):").check(
+            f"{node.get_name()} = p2p_buffers.graph_input(0, "
+        ).check_same("pass_through=False, cudagraphs=True)").run(lowered.code)
 
-
-PROTON_ALLOCATOR = "triton.set_allocator("
-PROTON_START = "if not _ProtonHookManager.active_hooks: proton.start("
-
-
-class ProtonSetupTest(unittest.TestCase):
-    """The proton set-up runs in the call prefix, on every call."""
-
-    def _code(self, partition: bool) -> str:
-        patches: dict[str, Any] = {
-            "triton.proton_profiling": True,
-            "triton.proton_output_dir": tempfile.gettempdir(),
-        }
-        if partition:
-            patches |= {"triton.cudagraphs": True, "graph_partition": True}
-        with config.patch(patches):
-            lowered = lower(one_shot_then_mm, [((64, 32), BF16), ((32, 32), BF16)])
+    def test_default_mode_decides_in_call(self) -> None:
+        lowered = lower(one_shot_then_mm, [((64, 32), BF16), ((32, 32), BF16)])
+        (node,) = _graph_inputs(lowered)
+        self.assertTrue(node.pass_through)
         assert lowered.code is not None
-        return lowered.code
+        FileCheck().check("def call(").check(
+            f"{node.get_name()} = p2p_buffers.graph_input(0, "
+        ).check_same("pass_through=True, cudagraphs=False)").run(lowered.code)
 
-    @levels(5)
-    def test_setup_in_call_prefix(self) -> None:
-        for partition in (False, True):
-            with self.subTest(partition=partition):
-                code = self._code(partition)
-                body = _call_body(code)
-                header = code[: code.index("async_compile.wait(globals())")]
-                first = body.splitlines()[1:4]
-                self.assertTrue(first[0].strip().startswith(PROTON_ALLOCATOR), first)
-                self.assertTrue(first[1].strip().startswith(PROTON_START), first)
-                self.assertEqual(first[2].strip(), 'pl.enable_semantic("triton")')
-                # the allocator is set per call only; the header still starts
-                # proton before the kernels compile
-                self.assertNotIn(PROTON_ALLOCATOR, header)
-                self.assertIn(PROTON_START, header)
-                if partition:
-                    self.assertNotIn(
-                        "proton",
-                        code[
-                            code.index("def partition_0") : code.index("class Runner")
-                        ],
-                    )
 
-    @levels(0, 4)
-    def test_pin_sets_up_proton_in_header_only(self) -> None:
-        code = self._code(partition=False)
-        self.assertIn(PROTON_ALLOCATOR, code[: code.index("def call(")])
-        self.assertNotIn("proton", _call_body(code).split("return (")[0])
+class _StandIn:
+    """Stands in for the symmetric-memory test: `owned` says which tensors
+    are symmetric; `asked` counts the decisions."""
+
+    def __init__(self, owned: set[int]) -> None:
+        self.owned = owned
+        self.asked = 0
+
+    def __call__(self, x: torch.Tensor, group_name: str) -> bool:
+        self.asked += 1
+        return id(x) in self.owned
+
+
+@levels(5)
+class InputSiteTest(unittest.TestCase):
+    """Note [Symmetric graph inputs]: when a site decides, and what."""
+
+    def _site(self, cudagraphs: bool, *owned: torch.Tensor) -> Any:
+        from torch._inductor.runtime.p2p_buffers import _InputSite
+
+        probe = _StandIn({id(t) for t in owned})
+        return _InputSite(cudagraphs, decide=probe), probe
+
+    def test_decides_once_per_address(self) -> None:
+        symm, plain = torch.empty(64), torch.empty(64)
+        site, probe = self._site(False, symm)
+        for _ in range(3):
+            self.assertTrue(site.passes_through(symm, GROUP))
+            self.assertFalse(site.passes_through(plain, GROUP))
+        self.assertEqual(probe.asked, 2)
+
+    def test_a_view_of_the_same_storage_is_not_asked_again(self) -> None:
+        symm = torch.empty(64)
+        site, probe = self._site(False, symm)
+        self.assertTrue(site.passes_through(symm, GROUP))
+        # same address, same storage
+        self.assertTrue(site.passes_through(symm.view(8, 8), GROUP))
+        self.assertEqual(probe.asked, 1)
+
+    def test_a_new_storage_at_a_symmetric_address_is_asked_again(self) -> None:
+        symm = torch.empty(64)
+        site, probe = self._site(False, symm)
+        self.assertTrue(site.passes_through(symm, GROUP))
+        other = torch.empty(0).set_(torch.UntypedStorage(256))
+        # stand for a new storage at the same address
+        site.decided[other.data_ptr()] = site.decided.pop(symm.data_ptr())
+        self.assertFalse(site.passes_through(other, GROUP))
+        self.assertEqual(probe.asked, 2)
+
+    def test_default_mode_passes_every_symmetric_address(self) -> None:
+        a, b = torch.empty(64), torch.empty(64)
+        site, probe = self._site(False, a, b)
+        for _ in range(2):
+            self.assertTrue(site.passes_through(a, GROUP))
+            self.assertTrue(site.passes_through(b, GROUP))
+        self.assertEqual(probe.asked, 2)
+
+    def test_cudagraphs_pass_one_address_only(self) -> None:
+        # A second symmetric address would be a second static-input address,
+        # a recording per address: it is copied, and not even asked about.
+        a, b, plain = torch.empty(64), torch.empty(64), torch.empty(64)
+        site, probe = self._site(True, a, b)
+        self.assertFalse(site.passes_through(plain, GROUP))
+        self.assertTrue(site.passes_through(a, GROUP))
+        self.assertFalse(site.passes_through(b, GROUP))
+        self.assertTrue(site.passes_through(a, GROUP))
+        self.assertEqual(probe.asked, 2)
+        self.assertEqual(site.pinned, a.data_ptr())
+
+    def test_remembered_addresses_are_bounded(self) -> None:
+        symm = torch.empty(64)
+        site, probe = self._site(True, symm)
+        site.MAX_DECIDED = 4
+        self.assertTrue(site.passes_through(symm, GROUP))
+        site.cudagraphs = False  # let copies be remembered
+        plain = [torch.empty(64) for _ in range(10)]
+        for t in plain:
+            self.assertFalse(site.passes_through(t, GROUP))
+            self.assertLessEqual(len(site.decided), 4)
+        # the pass-through address is never forgotten
+        self.assertIn(symm.data_ptr(), site.decided)
+        self.assertTrue(site.passes_through(symm, GROUP))
+        self.assertEqual(probe.asked, 11)
+
+
+@levels(5)
+class RankAgreementTest(MultiProcessTestCase):
+    """Two CPU ranks (gloo) with a stand-in for the symmetric-memory test:
+    an input passes through only where every rank's does."""
+
+    @property
+    def world_size(self) -> int:
+        return 2
+
+    def setUp(self) -> None:
+        super().setUp()
+        self._spawn_processes()
+
+    def _group(self) -> str:
+        dist.init_process_group(
+            "gloo",
+            rank=self.rank,
+            world_size=self.world_size,
+            init_method=f"file://{self.file_name}",
+        )
+        self.addCleanup(dist.destroy_process_group)
+        return dist.group.WORLD.group_name
+
+    def test_agreed_across_ranks(self) -> None:
+        from torch._inductor.runtime.p2p_buffers import agreed_across_ranks
+
+        group = self._group()
+        cpu = torch.device("cpu")
+        for answers in [(True, True), (True, False), (False, True), (False, False)]:
+            self.assertEqual(
+                agreed_across_ranks(answers[self.rank], group, cpu), all(answers)
+            )
+
+    def test_sites_decide_alike_on_every_rank(self) -> None:
+        from torch._inductor.runtime.p2p_buffers import _InputSite, agreed_across_ranks
+
+        group = self._group()
+        # rank 0 holds symmetric memory in both inputs, rank 1 only in `b`
+        a, b = torch.empty(64), torch.empty(64)
+        local = _StandIn({id(a), id(b)} if self.rank == 0 else {id(b)})
+
+        def decide(x: torch.Tensor, group_name: str) -> bool:
+            return agreed_across_ranks(local(x, group_name), group_name, x.device)
+
+        site = _InputSite(False, decide=decide)
+        for _ in range(2):
+            self.assertFalse(site.passes_through(a, group))
+            self.assertTrue(site.passes_through(b, group))
+        # one decision per address on both ranks, so no rank waits alone
+        self.assertEqual(local.asked, 2)
 
 
 @levels(0, 4)

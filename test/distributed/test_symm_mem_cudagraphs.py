@@ -40,6 +40,7 @@ from gpu_tier import (  # noqa: E402
     nccl_all_reduce,
     rank_values,
     rel_err,
+    tree_nodes,
 )
 from stack_level import holds, levels  # noqa: E402
 
@@ -67,18 +68,6 @@ class CudaArray:
             "version": 3,
             "strides": None,
         }
-
-
-def tree_nodes() -> list[cudagraph_trees.CUDAGraphNode]:
-    manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
-    assert manager is not None
-    nodes = []
-    pending = [n for roots in manager.roots.values() for n in roots]
-    while pending:
-        node = pending.pop()
-        nodes.append(node)
-        pending.extend(n for kids in node.children.values() for n in kids)
-    return nodes
 
 
 @instantiate_parametrized_tests
@@ -284,8 +273,10 @@ class CudagraphTreeTest(SymmMemTestCase):
                 counters["inductor"]["cudagraph_recorded_non_static_inputs"], 2
             )
         else:
-            # [5/5] p is staged by copy_ in `call`; the partition takes the
-            # staging buffer as a static input and only y is copied.
+            # [5/5] p, a direct `empty_strided_p2p` allocation (which
+            # `_is_symm_mem_tensor` does not track), is staged by copy_ in
+            # `call`; the partition takes the staging buffer as a static input
+            # and only y is copied.
             self.assertEqual(
                 counters["inductor"]["cudagraph_recorded_non_static_inputs"], 1
             )
