@@ -249,14 +249,13 @@ MODES = {
 }
 
 
-@instantiate_parametrized_tests
-class SymmetricGraphInputTest(SymmMemTestCase):
-    """Note [Symmetric graph inputs]: what each kind of input costs per call."""
+class GraphInputCopies:
+    """Calls of a compiled `one_shot_all_reduce(x)` and the copies they make."""
 
     SHAPE = (256, 512)
 
     def _init_process(self) -> None:
-        super()._init_process()
+        super()._init_process()  # type: ignore[misc]
         cudagraph_trees.reset_cudagraph_trees()
 
     def _compiled(self, mode: str, graph_partition: bool = True) -> Callable:
@@ -286,8 +285,13 @@ class SymmetricGraphInputTest(SymmMemTestCase):
         copies, names = device_copies(lambda: call(x), CALLS)
         for it in range(3, 6):  # still right after the profiled calls
             self._check(call, x, it)
-        self.assertEqual(copies % CALLS, 0, names[:20])
+        self.assertEqual(copies % CALLS, 0, names[:20])  # type: ignore[attr-defined]
         return copies // CALLS
+
+
+@instantiate_parametrized_tests
+class SymmetricGraphInputTest(GraphInputCopies, SymmMemTestCase):
+    """Note [Symmetric graph inputs]: what each kind of input costs per call."""
 
     @levels(5)
     @parametrize("mode", list(MODES))
@@ -349,32 +353,36 @@ class SymmetricGraphInputTest(SymmMemTestCase):
         self.assertEqual(len(tree_nodes()), 1)
 
 
-class SymmetricGraphInputNoImplicitPoolTest(SymmetricGraphInputTest):
-    """The same with ``TORCH_SYMMMEM_IMPLICIT_POOL=0``: ``symm_mem.empty()``
-    allocates outside the pool, and still passes through."""
+
+@instantiate_parametrized_tests
+class NoImplicitPoolTest(GraphInputCopies, SymmMemTestCase):
+    """``TORCH_SYMMMEM_IMPLICIT_POOL=0`` in this class's workers:
+    ``symm_mem.empty()`` allocates outside the pool, and still passes
+    through."""
 
     @classmethod
     def setUpClass(cls) -> None:
-        # read by the workers, which inherit the environment at spawn
-        cls._saved = os.environ.get("TORCH_SYMMMEM_IMPLICIT_POOL")
+        super().setUpClass()
+        # The workers spawn at the class's first test and inherit this.
+        cls._saved_pool_env = os.environ.get("TORCH_SYMMMEM_IMPLICIT_POOL")
         os.environ["TORCH_SYMMMEM_IMPLICIT_POOL"] = "0"
-        try:
-            super().setUpClass()
-        finally:
-            cls._restore()
 
     @classmethod
-    def _restore(cls) -> None:
-        if cls._saved is None:
+    def tearDownClass(cls) -> None:
+        if cls._saved_pool_env is None:
             os.environ.pop("TORCH_SYMMMEM_IMPLICIT_POOL", None)
         else:
-            os.environ["TORCH_SYMMMEM_IMPLICIT_POOL"] = cls._saved
+            os.environ["TORCH_SYMMMEM_IMPLICIT_POOL"] = cls._saved_pool_env
+        super().tearDownClass()
 
     @levels(5)
-    def test_implicit_pool_is_off(self) -> None:
+    @parametrize("mode", list(MODES))
+    def test_symmetric_input_costs_no_copy(self, mode: str) -> None:
         self._init_process()
         self.assertFalse(symm_mem._should_use_implicit_mempool())
-
+        call = self._compiled(mode)
+        x = symmetric_tensor("empty", self.SHAPE)
+        self.assertEqual(self._copies_per_call(call, x), 0)
 
 if __name__ == "__main__":
     run_tests()
