@@ -20,11 +20,15 @@ Turns the patch series into a stack of commits in the PyTorch checkout DIR
   1. scripts/apply_and_build.sh --source DIR --no-build --no-tests (with this
      repository's .venv Python, --no-venv) applies the series: one commit per
      patch on a new branch symm-mem-stack-N (it does every check).
-  2. Commit n is rewritten to carry the tests: $TEST_SUBDIR/
-     gets this repository's test/distributed/*.py and a SERIES_LEVEL file
-     holding n, so the level-gated tests of commit n are exactly those of
-     series level n.  Each commit keeps its title, Summary and Test Plan; the
-     Test Plan gains the commands that run that commit's tests.
+  2. Commit n is rewritten to carry its tests in upstream form:
+     $TEST_SUBDIR/ gets what
+     'scripts/stack.py upstream-tests --level n' writes (the GPU-tier tests
+     of test/distributed that hold from commit n on, without the level
+     machinery, and the helpers they import), so each test arrives with the
+     commit whose change it tests.  The CPU tier and the tests that pin a
+     state the series later changes stay in this repository.  Each commit
+     keeps its title, Summary and Test Plan; the Test Plan gains the
+     commands that run that commit's tests.
   3. ghstack submit [GHSTACK_SUBMIT_ARGS...] PIN..HEAD, run inside DIR.
 
 Options:
@@ -122,48 +126,42 @@ if [[ -n "$UPTO" ]] && ((${#COMMITS[@]} != UPTO)); then
 fi
 say "$BRANCH: ${#COMMITS[@]} commit(s) on top of ${PIN_COMMIT:0:12}"
 
-# 2. Give commit n the tests and SERIES_LEVEL=n.
-shopt -s nullglob
-TEST_FILES=()
-for f in "$ROOT"/test/distributed/*.py; do
-    TEST_FILES+=("$(basename "$f")")
-done
-shopt -u nullglob
-((${#TEST_FILES[@]} > 0)) || die 1 "no test files in $ROOT/test/distributed"
-
+# 2. Give commit n its tests in upstream form.
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-declare -A BLOB
-for f in "${TEST_FILES[@]}"; do
-    BLOB[$f]="$(g hash-object -w --path "$TEST_SUBDIR/$f" -- "$ROOT/test/distributed/$f")"
+for ((n = 1; n <= ${#COMMITS[@]}; n++)); do
+    "$PYTHON" "$ROOT/scripts/stack.py" upstream-tests --level "$n" \
+        --out "$WORK/tests-$n" >"$WORK/files-$n" ||
+        die 1 "scripts/stack.py upstream-tests --level $n failed"
 done
 
-# The commands that run the tests of one commit, for its Test Plan.  The GPU
-# tier needs no torchrun either: its classes (MultiProcContinuousTest) spawn
-# one worker per visible GPU.
-TEST_COMMANDS="$WORK/test-commands"
-: >"$TEST_COMMANDS"
-for f in "${TEST_FILES[@]}"; do
-    case "$f" in
-        test_*.py) echo "python -m pytest $TEST_SUBDIR/$f" >>"$TEST_COMMANDS" ;;
-    esac
-done
+# The commands that run the tests of commit n, for its Test Plan.  The GPU
+# tier needs no torchrun: its classes (MultiProcContinuousTest) spawn one
+# worker per visible GPU.
+test_commands() { # $1: n
+    local f
+    while read -r f; do
+        case "$f" in
+            test_*.py) echo "python -m pytest $TEST_SUBDIR/$f" ;;
+        esac
+    done <"$WORK/files-$1"
+}
 
-rewrite_message() { # $1: level, stdin: message, stdout: new message
-    LEVEL="$1" SUBDIR="$TEST_SUBDIR" COMMANDS="$TEST_COMMANDS" "$PYTHON" -c '
+rewrite_message() { # $1: n, stdin: message, stdout: new message
+    test_commands "$1" >"$WORK/commands-$1"
+    LEVEL="$1" COMMANDS="$WORK/commands-$1" "$PYTHON" -c '
 import os
 import re
 import sys
 
 level = os.environ["LEVEL"]
-subdir = os.environ["SUBDIR"]
 with open(os.environ["COMMANDS"]) as f:
     commands = [line.rstrip("\n") for line in f if line.strip()]
 lines = sys.stdin.read().rstrip("\n").split("\n")
 
 added = [
-    f"Tests of this commit (series level {level}, read from {subdir}/SERIES_LEVEL):",
+    f"Tests of this commit (commit {level} of the stack):",
     "",
     *[f"    {c}" for c in commands],
 ]
@@ -207,11 +205,10 @@ for c in "${COMMITS[@]}"; do
     level=$((level + 1))
     g read-tree "$c"
     g rm -r -q -f --cached --ignore-unmatch -- "$TEST_SUBDIR" >/dev/null
-    for f in "${TEST_FILES[@]}"; do
-        g update-index --add --cacheinfo "100644,${BLOB[$f]},$TEST_SUBDIR/$f"
-    done
-    level_blob="$(echo "$level" | g hash-object -w --stdin)"
-    g update-index --add --cacheinfo "100644,$level_blob,$TEST_SUBDIR/SERIES_LEVEL"
+    while read -r f; do
+        blob="$(g hash-object -w --path "$TEST_SUBDIR/$f" -- "$WORK/tests-$level/$f")"
+        g update-index --add --cacheinfo "100644,$blob,$TEST_SUBDIR/$f"
+    done <"$WORK/files-$level"
     tree="$(g write-tree)"
     g log -1 --format=%B "$c" | rewrite_message "$level" >"$WORK/msg"
     parent="$(
@@ -226,9 +223,9 @@ done
 unset GIT_INDEX_FILE
 
 g checkout -q --detach "$OLD_TIP"
-g update-ref -m "$PROG: give each commit its tests and SERIES_LEVEL" "refs/heads/$BRANCH" "$parent" "$OLD_TIP"
+g update-ref -m "$PROG: give each commit its tests" "refs/heads/$BRANCH" "$parent" "$OLD_TIP"
 g checkout -q "$BRANCH"
-say "rewrote $BRANCH: commit n now carries $TEST_SUBDIR/ with SERIES_LEVEL=n"
+say "rewrote $BRANCH: commit n now carries its tests in $TEST_SUBDIR/"
 
 RANGE="$PIN_COMMIT..HEAD"
 submit=("${GHSTACK_BIN:-ghstack}" submit "${GHSTACK_ARGS[@]}" "$RANGE")
@@ -240,7 +237,7 @@ print_stack() {
         n=$((n + 1))
         echo
         echo "PR $n/$total: $(g log -1 --format=%s "$c")"
-        echo "  commit ${c:0:12}, SERIES_LEVEL=$(g show "$c:$TEST_SUBDIR/SERIES_LEVEL")"
+        echo "  commit ${c:0:12}; tests: $(test_commands "$n" | wc -l) file(s) in $TEST_SUBDIR"
         g show --stat=120 --format= "$c" | sed 's/^/  /'
     done
 }

@@ -13,6 +13,7 @@ Subcommands (``stack.py SUBCOMMAND --help`` lists each one's flags):
   check-series  series file, subjects, bodies, applicability and whitespace
   apply-source  check a PyTorch checkout and git-am the series there (source mode)
   lint-patched  ruff on the overlay's patched files, judged against the pinned files
+  upstream-tests  the GPU-tier tests of commit N of the stack, in upstream form
 
 The pin is read from PIN at the repository root (or the file named by the
 environment variable SYMM_STACK_PIN_FILE).  Exit codes: 0 success, 1 a check
@@ -23,6 +24,7 @@ half-done), 3 a tool this needs is not available here.
 from __future__ import annotations
 
 import argparse
+import ast
 import email
 import email.policy
 import hashlib
@@ -1567,6 +1569,228 @@ def cmd_apply_source(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------- upstream tests --------
+
+LEVEL_GATE = "levels"  # stack_level.levels(lo, hi=None): run at levels lo..hi
+LEVEL_TEST = "holds"  # stack_level.holds(lo, hi=None): is the level in lo..hi
+LEVEL_MODULE = "stack_level"
+
+
+def _gate_span(node: ast.expr) -> tuple[int, int | None] | None:
+    """(lo, hi) of a ``levels(...)`` / ``holds(...)`` call, else None."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        return None
+    if node.func.id not in (LEVEL_GATE, LEVEL_TEST) or node.keywords:
+        return None
+    args = [ast.literal_eval(a) for a in node.args]
+    if not 1 <= len(args) <= 2 or not all(isinstance(a, int) for a in args):
+        raise StackError(f"line {node.lineno}: {ast.unparse(node)} needs 1 or 2 ints")
+    return args[0], (args[1] if len(args) == 2 else None)
+
+
+def _holds(span: tuple[int, int | None], level: int) -> bool:
+    lo, hi = span
+    return lo <= level and (hi is None or level <= hi)
+
+
+def _has_tests(cls: ast.ClassDef) -> bool:
+    return any(
+        isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and n.name.startswith("test")
+        for n in cls.body
+    )
+
+
+def render_upstream_test(source: str, level: int, name: str) -> str | None:
+    """
+    The tests of ``source`` (a GPU-tier test file) as they go upstream with
+    commit ``level`` of the stack: no level machinery. A test or class gated
+    ``@levels(lo)`` is kept from commit ``lo`` on (commit 1 for ``lo == 0``:
+    it tests what the series must leave as at stock) and loses the
+    decorator; one gated ``@levels(lo, hi)`` pins a state the series later
+    changes (stock bugs among them) and stays in this repository. An
+    ``if holds(...):`` statement keeps the branch that is taken at ``level``.
+    A class left without tests goes too. None if no test is left.
+    """
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    drop: set[int] = set()  # 0-based line numbers
+    replace: dict[int, str] = {}
+
+    def span_of(node: ast.stmt) -> range:
+        first = min(
+            [node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))]
+        )
+        return range(first - 1, node.end_lineno or node.lineno)
+
+    def taken_branch(node: ast.If) -> bool | None:
+        "Whether an `if holds(...)` takes its body at `level`; None: not one"
+        test = node.test
+        negate = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+        span = _gate_span(test.operand if isinstance(test, ast.UnaryOp) else test)
+        return None if span is None else _holds(span, level) != negate
+
+    def keep_branch(node: ast.If, body: bool) -> None:
+        "Replace the `if` statement by one of its branches, dedented"
+        body_end = node.body[-1].end_lineno or node.body[-1].lineno
+        branch = range(node.lineno, body_end)  # 0-based, after `if ...:`
+        if not body:
+            if not node.orelse:
+                branch = range(0)
+            else:
+                elses = [
+                    i
+                    for i in range(body_end, node.orelse[0].lineno - 1)
+                    if lines[i].strip() == "else:"
+                ]
+                if not elses:
+                    raise StackError(f"{name}, line {node.lineno}: elif after holds()")
+                branch = range(elses[0] + 1, node.orelse[-1].end_lineno or 0)
+        drop.update(span_of(node))
+        outer = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
+        indents = [
+            len(lines[i]) - len(lines[i].lstrip()) for i in branch if lines[i].strip()
+        ]
+        for i in branch:
+            drop.discard(i)
+            if lines[i].strip():
+                replace[i] = " " * outer + lines[i][min(indents) :]
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.ImportFrom) and node.module == LEVEL_MODULE:
+                drop.update(span_of(node))
+                continue
+            gates = [
+                (d, span)
+                for d in getattr(node, "decorator_list", [])
+                if (span := _gate_span(d)) is not None
+            ]
+            if gates:
+                ((decorator, (lo, hi)),) = gates
+                if hi is not None or lo > level:
+                    drop.update(span_of(node))
+                    continue
+                drop.update(range(decorator.lineno - 1, decorator.end_lineno or 0))
+            if isinstance(node, ast.If) and (taken := taken_branch(node)) is not None:
+                keep_branch(node, taken)
+                visit(node.body if taken else node.orelse)
+                continue
+            for field in ("body", "orelse", "finalbody"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list):
+                    visit([n for n in inner if isinstance(n, ast.stmt)])
+            for handler in getattr(node, "handlers", []):
+                visit(handler.body)
+            if isinstance(node, ast.ClassDef) and all(
+                set(span_of(n)) <= drop for n in node.body
+            ):
+                drop.update(span_of(node))  # nothing left in it
+
+    visit(tree.body)
+    out = "".join(replace.get(i, line) for i, line in enumerate(lines) if i not in drop)
+    # Classes that lost every test go too.
+    had_tests = {
+        n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and _has_tests(n)
+    }
+    rendered = ast.parse(out)
+    out_lines = out.splitlines(keepends=True)
+    empty = [
+        n
+        for n in rendered.body
+        if isinstance(n, ast.ClassDef) and n.name in had_tests and not _has_tests(n)
+    ]
+    gone: set[int] = set()
+    for n in empty:
+        first = min([n.lineno, *(d.lineno for d in n.decorator_list)])
+        gone.update(range(first - 1, n.end_lineno or n.lineno))
+    out = "".join(line for i, line in enumerate(out_lines) if i not in gone)
+    out = re.sub(r"\n{4,}", "\n\n\n", out)
+    final = ast.parse(out)
+    if not any(isinstance(n, ast.ClassDef) and _has_tests(n) for n in final.body):
+        return None
+    for n in ast.walk(final):
+        if isinstance(n, ast.Name) and n.id in (LEVEL_GATE, LEVEL_TEST):
+            raise StackError(
+                f"{name}, line {n.lineno}: {n.id}() left where it cannot be rendered"
+            )
+    return out
+
+
+def upstream_test_files(tests: Path, level: int, out: Path) -> list[str]:
+    """
+    Write into ``out`` the GPU-tier tests of commit ``level`` in upstream form
+    (`render_upstream_test`) and the helper modules they import from
+    ``tests``; return the names written. The CPU tier and the level machinery
+    stay in this repository.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    imported: set[str] = set()
+    for path in sorted(tests.glob("test_*.py")):
+        if path.stem.endswith("_cpu"):
+            continue
+        text = render_upstream_test(path.read_text(), level, path.name)
+        if text is None:
+            continue
+        (out / path.name).write_text(text)
+        written.append(path.name)
+        imported |= _local_imports(text, tests)
+    pending = sorted(imported)
+    while pending:
+        name = pending.pop()
+        if name in written:
+            continue
+        text = (tests / name).read_text()
+        (out / name).write_text(text)
+        written.append(name)
+        pending.extend(sorted(_local_imports(text, tests) - set(written)))
+    ruff = shutil.which(
+        "ruff",
+        path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    if ruff is not None:
+        # imports and helpers only the tests of later commits use
+        subprocess.run(
+            [
+                ruff,
+                "check",
+                "--quiet",
+                "--no-cache",
+                "--select",
+                "F401",
+                "--fix",
+                "--isolated",
+                *[str(out / n) for n in written],
+            ],
+            check=False,
+            capture_output=True,
+        )
+    return sorted(written)
+
+
+def _local_imports(text: str, tests: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(text)):
+        modules = []
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            modules = [node.module]
+        elif isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        for module in modules:
+            if module != LEVEL_MODULE and (tests / f"{module}.py").is_file():
+                names.add(f"{module}.py")
+    return names
+
+
+def cmd_upstream_tests(args: argparse.Namespace) -> int:
+    if args.level < 1:
+        raise StackError(f"--level wants a commit number >= 1, got {args.level}")
+    for name in upstream_test_files(args.tests, args.level, args.out):
+        print(name)
+    return 0
+
+
 # -------- cli --------
 
 
@@ -1715,6 +1939,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("lint-patched", cmd_lint_patched, "ruff the patched torch files vs the pin")
     upto_flag(p, "lint the files touched by")
     overlay_flags(p)
+
+    p = add(
+        "upstream-tests",
+        cmd_upstream_tests,
+        "write the GPU-tier tests of stack commit N in upstream form",
+    )
+    p.add_argument("--level", type=int, required=True, metavar="N", help="commit N")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output dir")
+    p.add_argument(
+        "--tests",
+        type=Path,
+        default=REPO / "test" / "distributed",
+        metavar="DIR",
+        help="the tests (default: test/distributed)",
+    )
     return parser
 
 

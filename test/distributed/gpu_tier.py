@@ -8,7 +8,6 @@ A test class derives from ``SymmMemTestCase`` and each test begins with
 
     @instantiate_parametrized_tests
     class LoweringTest(SymmMemTestCase):
-        @levels(2)
         def test_x(self) -> None:
             self._init_process()
             ...

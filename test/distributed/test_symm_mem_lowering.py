@@ -10,8 +10,7 @@ and scripts/gpu_tier.sh run it so):
 Every rank runs the same tests in the same order with fixed iteration counts.
 Results are compared against an eager reference that uses NCCL all_reduce (the
 identity at world size 1).  Only the tests that need two ranks skip below 2
-GPUs (``@skip_if_lt_x_gpu(2)``).  Each test declares the series levels it holds
-for (stack_level.py).
+GPUs (``@skip_if_lt_x_gpu(2)``).
 """
 
 from __future__ import annotations

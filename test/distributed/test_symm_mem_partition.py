@@ -15,7 +15,6 @@ Both classes run on one rank per visible CUDA GPU, world size 1 included
 
 Results are compared against eager code (NCCL all_reduce for the all-reduce,
 the identity at world size 1).
-Each test declares the series levels it holds for (stack_level.py).
 """
 
 from __future__ import annotations

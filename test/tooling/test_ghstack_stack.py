@@ -230,15 +230,18 @@ def patch_message(patch: Path) -> tuple[str, str]:
     return subject, body.strip("\n")
 
 
-def copied_test_files() -> list[str]:
-    return sorted(p.name for p in TESTS_DIR.glob("*.py"))
+def upstream_tests(level: int, tmp: Path) -> dict[str, bytes]:
+    "What `stack.py upstream-tests --level LEVEL` writes: name -> content"
+    out = tmp / f"upstream-{level}"
+    names = stack_py("upstream-tests", "--level", str(level), "--out", str(out))
+    return {name: (out / name).read_bytes() for name in names.stdout.split()}
 
 
-def expected_commands() -> list[str]:
-    # both tiers by plain pytest: the GPU classes spawn their own workers
+def expected_commands(files: dict[str, bytes]) -> list[str]:
+    # the GPU tier by plain pytest: its classes spawn their own workers
     return [
         f"python -m pytest {SUBDIR}/{name}"
-        for name in copied_test_files()
+        for name in sorted(files)
         if re.fullmatch(r"test_.*\.py", name)
     ]
 
@@ -255,12 +258,14 @@ def test_one_commit_per_patch_on_the_stack_branch(stack: Stack) -> None:
     assert all(len(line.split()) == 2 for line in parents.splitlines()), "no merges"
 
 
-def test_each_commit_keeps_title_summary_and_test_plan(stack: Stack) -> None:
-    commands = expected_commands()
-    assert commands, "this repository has test files to run"
+def test_each_commit_keeps_title_summary_and_test_plan(
+    stack: Stack, tmp_path: Path
+) -> None:
     for level, (commit, patch) in enumerate(
         zip(stack.commits, stack.series.patches, strict=True), 1
     ):
+        commands = expected_commands(upstream_tests(level, tmp_path))
+        assert commands, "every commit has GPU-tier tests to run"
         title, body = patch_message(patch)
         message = git(stack.src, "log", "-1", "--format=%B", commit).rstrip("\n")
         lines = message.split("\n")
@@ -269,7 +274,7 @@ def test_each_commit_keeps_title_summary_and_test_plan(stack: Stack) -> None:
         intro = next(
             i for i, line in enumerate(lines) if line.startswith("Tests of this commit")
         )
-        assert f"series level {level}" in lines[intro]
+        assert f"commit {level} of the stack" in lines[intro]
         assert lines.index("Test Plan:") < intro
         added = lines[intro : intro + 2 + len(commands)]
         assert [line.strip() for line in added[2:]] == commands
@@ -283,17 +288,17 @@ def test_each_commit_keeps_title_summary_and_test_plan(stack: Stack) -> None:
             assert lines[-1] == original_last
 
 
-def test_commit_n_carries_the_tests_and_series_level_n(stack: Stack) -> None:
-    want = {name: (TESTS_DIR / name).read_bytes() for name in copied_test_files()}
-    assert "stack_level.py" in want
+def test_commit_n_carries_its_upstream_form_tests(stack: Stack, tmp_path: Path) -> None:
+    previous: dict[str, bytes] = {}
     for level, (commit, patch) in enumerate(
         zip(stack.commits, stack.series.patches, strict=True), 1
     ):
+        want = upstream_tests(level, tmp_path)
         listed = git(stack.src, "ls-tree", "--name-only", f"{commit}:{SUBDIR}").split()
-        assert sorted(listed) == sorted([*want, "SERIES_LEVEL"])
-        assert git(stack.src, "show", f"{commit}:{SUBDIR}/SERIES_LEVEL").strip() == str(
-            level
-        )
+        assert sorted(listed) == sorted(want)
+        # No level machinery and none of the CPU tier goes upstream.
+        assert "stack_level.py" not in want and "SERIES_LEVEL" not in want
+        assert not any(name.endswith("_cpu.py") for name in want)
         for name, content in want.items():
             blob = subprocess.run(
                 ["git", "-C", str(stack.src), "show", f"{commit}:{SUBDIR}/{name}"],
@@ -301,20 +306,11 @@ def test_commit_n_carries_the_tests_and_series_level_n(stack: Stack) -> None:
                 check=True,
             ).stdout
             assert blob == content, f"{name} in commit {level}"
-        # stack_level.py, as copied, reads the level from SERIES_LEVEL.
-        probe = Path(stack.src).parent / f"probe-{level}"
-        probe.mkdir()
-        for name in ("stack_level.py", "SERIES_LEVEL"):
-            (probe / name).write_text(
-                git(stack.src, "show", f"{commit}:{SUBDIR}/{name}")
-            )
-        got = run(
-            [sys.executable, "-c", "import stack_level; print(stack_level.LEVEL)"],
-            cwd=probe,
-            env={"SYMM_STACK_LEVEL": "", "PYTHONPATH": ""},
-        )
-        assert got.stdout.strip() == str(level)
-        # Outside the tests folder, the commit changes exactly the patch's files.
+            text = content.decode()
+            compile(text, name, "exec")
+            assert "stack_level" not in text and "@levels(" not in text, name
+        # Outside the tests folder, the commit changes exactly the patch's files;
+        # inside it, the tests whose rendering changed.
         changed = set(
             git(
                 stack.src, "diff", "--name-only", "--no-renames", f"{commit}^", commit
@@ -323,10 +319,13 @@ def test_commit_n_carries_the_tests_and_series_level_n(stack: Stack) -> None:
         assert {c for c in changed if not c.startswith(SUBDIR + "/")} == patch_files(
             patch
         )
-        expected_tests = {f"{SUBDIR}/SERIES_LEVEL"}
-        if level == 1:
-            expected_tests |= {f"{SUBDIR}/{name}" for name in want}
-        assert {c for c in changed if c.startswith(SUBDIR + "/")} == expected_tests
+        moved = {
+            n for n in want.keys() | previous.keys() if want.get(n) != previous.get(n)
+        }
+        assert {c for c in changed if c.startswith(SUBDIR + "/")} == {
+            f"{SUBDIR}/{n}" for n in moved
+        }
+        previous = want
 
 
 def test_final_tree_equals_the_overlay(stack: Stack, tmp_path: Path) -> None:
@@ -367,8 +366,8 @@ def test_dry_run_names_every_pull_request_and_stays_offline(stack: Stack) -> Non
         assert line in out
         positions.append(out.index(line))
     assert positions == sorted(positions), "bottom of the stack first"
-    assert f"{SUBDIR}/SERIES_LEVEL" in out
-    assert f"{SUBDIR}/stack_level.py" in out
+    assert f"{SUBDIR}/test_symm_mem_lowering.py" in out
+    assert "stack_level.py" not in out and "SERIES_LEVEL" not in out
     assert f"submit {stack.pin}..HEAD" in out
     assert not stack.ghstack_log.exists(), "a dry run must not call ghstack"
 
