@@ -21,6 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# The Meta and Functionalize kernels of the in-place symm_mem collectives, and
+# their functional forms, come with this module, as in any program that uses
+# symmetric memory.
+import torch.distributed._symmetric_memory  # noqa: F401
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 from torch.testing._internal.common_distributed import skip_if_lt_x_gpu

@@ -398,11 +398,17 @@ class UncontrolledInputTest(unittest.TestCase):
         check_counts(lowered.code, {P2P_ALLOC: 2})
 
     @levels(2)
-    def test_functional_forms_lowered_without_importing_symm_mem(self) -> None:
-        # torch.compile imports Inductor's lowerings before anything imports
-        # torch.distributed._symmetric_memory, which defines these ops.
+    def test_lowering_import_leaves_symm_mem_unimported(self) -> None:
+        # Importing Inductor's lowerings imports nothing of
+        # torch.distributed._symmetric_memory, which defines the functional
+        # forms; a graph that holds one registers their lowerings when
+        # GraphLowering first meets it.
         script = (
-            "import torch, torch._inductor.lowering as L;"
+            "import sys, torch, torch._inductor.lowering as L;"
+            "print('torch.distributed._symmetric_memory' in sys.modules);"
+            "import torch.distributed._symmetric_memory;"
+            "from torch._inductor.comm_lowering import"
+            " register_symm_mem_functional_lowerings as r; r();"
             "ops = torch.ops.symm_mem;"
             "print(ops._two_shot_all_reduce.default in L.lowerings,"
             " ops._reduce_scatter.default in L.lowerings)"
@@ -410,7 +416,7 @@ class UncontrolledInputTest(unittest.TestCase):
         out = subprocess.run(
             [sys.executable, "-c", script], check=True, capture_output=True, text=True
         ).stdout.split()
-        self.assertEqual(out[-2:], ["True", "True"])
+        self.assertEqual(out[-3:], ["False", "True", "True"])
 
     @levels(0, 1)
     def test_pin_cannot_functionalize_inplace_collectives(self) -> None:
