@@ -221,7 +221,6 @@ class GraphInputStagingTest(SymmMemTestCase):
         check_counts(code, {TRITON_KERNEL: 1, ".copy_(": 0})
 
 
-
 def device_copies(fn: Callable[[], object], calls: int) -> tuple[int, list[str]]:
     """Run ``fn`` ``calls`` times under the profiler: the copies the device
     made (Memcpy DtoD events and copy kernels; a dense ``copy_`` is a memcpy,
@@ -353,7 +352,6 @@ class SymmetricGraphInputTest(GraphInputCopies, SymmMemTestCase):
         self.assertEqual(len(tree_nodes()), 1)
 
 
-
 @instantiate_parametrized_tests
 class NoImplicitPoolTest(GraphInputCopies, SymmMemTestCase):
     """``TORCH_SYMMMEM_IMPLICIT_POOL=0`` in this class's workers:
@@ -383,6 +381,7 @@ class NoImplicitPoolTest(GraphInputCopies, SymmMemTestCase):
         call = self._compiled(mode)
         x = symmetric_tensor("empty", self.SHAPE)
         self.assertEqual(self._copies_per_call(call, x), 0)
+
 
 if __name__ == "__main__":
     run_tests()
