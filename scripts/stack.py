@@ -1593,11 +1593,13 @@ def _holds(span: tuple[int, int | None], level: int) -> bool:
     return lo <= level and (hi is None or level <= hi)
 
 
-def _has_tests(cls: ast.ClassDef) -> bool:
+def _has_tests(cls: ast.ClassDef | list[ast.stmt]) -> bool:
+    "Whether a class (or a list of its statements) defines a test method"
+    body = cls.body if isinstance(cls, ast.ClassDef) else cls
     return any(
         isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
         and n.name.startswith("test")
-        for n in cls.body
+        for n in body
     )
 
 
@@ -1682,29 +1684,13 @@ def render_upstream_test(source: str, level: int, name: str) -> str | None:
                     visit([n for n in inner if isinstance(n, ast.stmt)])
             for handler in getattr(node, "handlers", []):
                 visit(handler.body)
-            if isinstance(node, ast.ClassDef) and all(
-                set(span_of(n)) <= drop for n in node.body
-            ):
-                drop.update(span_of(node))  # nothing left in it
+            if isinstance(node, ast.ClassDef):
+                kept = [n for n in node.body if not set(span_of(n)) <= drop]
+                if not kept or (_has_tests(node) and not _has_tests(kept)):
+                    drop.update(span_of(node))  # nothing, or no test, left in it
 
     visit(tree.body)
     out = "".join(replace.get(i, line) for i, line in enumerate(lines) if i not in drop)
-    # Classes that lost every test go too.
-    had_tests = {
-        n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and _has_tests(n)
-    }
-    rendered = ast.parse(out)
-    out_lines = out.splitlines(keepends=True)
-    empty = [
-        n
-        for n in rendered.body
-        if isinstance(n, ast.ClassDef) and n.name in had_tests and not _has_tests(n)
-    ]
-    gone: set[int] = set()
-    for n in empty:
-        first = min([n.lineno, *(d.lineno for d in n.decorator_list)])
-        gone.update(range(first - 1, n.end_lineno or n.lineno))
-    out = "".join(line for i, line in enumerate(out_lines) if i not in gone)
     out = re.sub(r"\n{4,}", "\n\n\n", out)
     final = ast.parse(out)
     if not any(isinstance(n, ast.ClassDef) and _has_tests(n) for n in final.body):
@@ -1745,27 +1731,22 @@ def upstream_test_files(tests: Path, level: int, out: Path) -> list[str]:
         (out / name).write_text(text)
         written.append(name)
         pending.extend(sorted(_local_imports(text, tests) - set(written)))
-    ruff = shutil.which(
-        "ruff",
-        path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    # imports and helpers that only the tests of later commits use
+    subprocess.run(
+        [
+            *ruff_command(),
+            "check",
+            "--quiet",
+            "--no-cache",
+            "--isolated",
+            "--select",
+            "F401",
+            "--fix",
+            *[str(out / n) for n in written],
+        ],
+        check=False,
+        capture_output=True,
     )
-    if ruff is not None:
-        # imports and helpers only the tests of later commits use
-        subprocess.run(
-            [
-                ruff,
-                "check",
-                "--quiet",
-                "--no-cache",
-                "--select",
-                "F401",
-                "--fix",
-                "--isolated",
-                *[str(out / n) for n in written],
-            ],
-            check=False,
-            capture_output=True,
-        )
     return sorted(written)
 
 

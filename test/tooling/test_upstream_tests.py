@@ -53,6 +53,15 @@ SOURCE = textwrap.dedent(
 HELPER = "class SymmMemTestCase:\n    pass\n"
 
 
+def upstream_tests(level: int, out: Path, tests: Path | None = None) -> list[str]:
+    "`stack.py upstream-tests --level LEVEL --out OUT [--tests TESTS]`: the names"
+    args = [sys.executable, str(STACK_PY), "upstream-tests", "--level", str(level)]
+    args += ["--out", str(out)] + (["--tests", str(tests)] if tests else [])
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
 def render(tmp_path: Path, level: int) -> dict[str, str]:
     tests = tmp_path / "tests"
     tests.mkdir(exist_ok=True)
@@ -61,22 +70,9 @@ def render(tmp_path: Path, level: int) -> dict[str, str]:
     (tests / "gpu_tier.py").write_text(HELPER)
     (tests / "stack_level.py").write_text("LEVEL = 0\n")
     out = tmp_path / f"out-{level}"
-    proc = run(
-        [
-            sys.executable,
-            str(STACK_PY),
-            "upstream-tests",
-            "--level",
-            str(level),
-            "--tests",
-            str(tests),
-            "--out",
-            str(out),
-        ]
-    )
-    assert proc.returncode == 0, proc.stderr
-    names = proc.stdout.split()
-    return {name: (out / name).read_text() for name in names}
+    return {
+        name: (out / name).read_text() for name in upstream_tests(level, out, tests)
+    }
 
 
 def test_commit_1_keeps_tests_of_stock_behaviour_only(tmp_path: Path) -> None:
@@ -109,38 +105,13 @@ def test_nothing_left_writes_nothing(tmp_path: Path) -> None:
         "from stack_level import levels\n\n\nclass T:\n    @levels(0, 2)\n"
         "    def test_a(self) -> None:\n        pass\n"
     )
-    proc = run(
-        [
-            sys.executable,
-            str(STACK_PY),
-            "upstream-tests",
-            "--level",
-            "1",
-            "--tests",
-            str(tests),
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
-    assert proc.returncode == 0 and proc.stdout == ""
+    assert upstream_tests(1, tmp_path / "out", tests) == []
 
 
 @pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
 def test_the_repository_tests_render(tmp_path: Path, level: int) -> None:
     out = tmp_path / "out"
-    proc = run(
-        [
-            sys.executable,
-            str(STACK_PY),
-            "upstream-tests",
-            "--level",
-            str(level),
-            "--out",
-            str(out),
-        ]
-    )
-    assert proc.returncode == 0, proc.stderr
-    names = proc.stdout.split()
+    names = upstream_tests(level, out)
     assert "test_symm_mem_lowering.py" in names
     for name in names:
         text = (out / name).read_text()
