@@ -303,6 +303,31 @@ class SymmetricGraphInputTest(GraphInputCopies, SymmMemTestCase):
 
     @levels(5)
     @parametrize("mode", list(MODES))
+    def test_passed_through_input_is_left_alone(self, mode: str) -> None:
+        # A later P2P buffer of x's shape (a @ w) must not be planned into
+        # the node that stands for x, which here is the caller's x itself.
+        self._init_process()
+        gname = group_name()
+
+        def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            a = torch.ops.symm_mem.one_shot_all_reduce(x, "sum", gname)
+            return torch.ops.symm_mem.one_shot_all_reduce(a @ w, "sum", gname)
+
+        compiled = torch.compile(fn, fullgraph=True, **MODES[mode])
+        x = symmetric_tensor("empty", self.SHAPE)
+        w = torch.eye(self.SHAPE[1], device="cuda")
+        for it in range(6):
+            gen = torch.Generator(device="cuda").manual_seed(it + 7 * dist.get_rank())
+            x.copy_(torch.randn(x.shape, device="cuda", generator=gen))
+            before = x.clone()
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(x, w).clone()
+            torch.testing.assert_close(x, before, rtol=0, atol=0, msg=f"call {it}")
+            ref = nccl_all_reduce(nccl_all_reduce(before) @ w)
+            torch.testing.assert_close(out, ref, msg=f"call {it}")
+
+    @levels(5)
+    @parametrize("mode", list(MODES))
     def test_non_symmetric_input_costs_one_copy(self, mode: str) -> None:
         self._init_process()
         call = self._compiled(mode)

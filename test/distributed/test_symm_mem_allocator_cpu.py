@@ -68,6 +68,11 @@ def one_shot_then_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return symm_mem.one_shot_all_reduce(x, "sum", GROUP) @ w
 
 
+def one_shot_then_mm_one_shot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    a = symm_mem.one_shot_all_reduce(x, "sum", GROUP)
+    return symm_mem.one_shot_all_reduce(a @ w, "sum", GROUP)
+
+
 def _graph_inputs(lowered: Lowered) -> list[Any]:
     return lowered.ops(ir.SymmMemGraphInput)
 
@@ -219,6 +224,20 @@ class InputPathTest(unittest.TestCase):
         assert lowered.code is not None
         # only the final add is a kernel
         FileCheck().check_count("@triton.jit", 1, exactly=True).run(lowered.code)
+
+    def test_graph_input_is_never_handed_to_another_buffer(self) -> None:
+        # The second collective's input (x's shape) is a P2P buffer too; memory
+        # planning must not give it x's node, which may be the caller's x.
+        lowered = lower(one_shot_then_mm_one_shot, [((64, 32), BF16), ((32, 32), BF16)])
+        (node,) = _graph_inputs(lowered)
+        name = node.get_name()
+        assert lowered.code is not None
+        FileCheck().check(f"{name} = p2p_buffers.graph_input(").check(
+            f"one_shot_all_reduce_out.default({name}, "
+        ).check_next(f"del {name}").check_not(f"= {name}; del {name}").check(
+            "= p2p_buffers.static(1, "
+        ).run(lowered.code)
+        self.assertIn(name, lowered.graph.never_reuse_buffers)
 
     def test_layouts_the_op_cannot_take_are_staged(self) -> None:
         # x itself can serve only at the dense strides, at an offset of a
