@@ -272,9 +272,13 @@ class GraphInputCopies:
 
         return call
 
-    def _check(self, call: Callable, x: torch.Tensor, it: int) -> None:
+    def _refill(self, x: torch.Tensor, it: int) -> None:
+        "New values for call `it`, written into x itself"
         gen = torch.Generator(device="cuda").manual_seed(it + 7 * dist.get_rank())
         x.copy_(torch.randn(x.shape, device="cuda", generator=gen))
+
+    def _check(self, call: Callable, x: torch.Tensor, it: int) -> None:
+        self._refill(x, it)
         out = call(x).clone()
         torch.testing.assert_close(out, nccl_all_reduce(x), msg=f"call {it}")
 
@@ -317,8 +321,7 @@ class SymmetricGraphInputTest(GraphInputCopies, SymmMemTestCase):
         x = symmetric_tensor("empty", self.SHAPE)
         w = torch.eye(self.SHAPE[1], device="cuda")
         for it in range(6):
-            gen = torch.Generator(device="cuda").manual_seed(it + 7 * dist.get_rank())
-            x.copy_(torch.randn(x.shape, device="cuda", generator=gen))
+            self._refill(x, it)
             before = x.clone()
             torch.compiler.cudagraph_mark_step_begin()
             out = compiled(x, w).clone()

@@ -127,8 +127,7 @@ class StockCodegenTest(unittest.TestCase):
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)
         probe = (
-            "import os, torch._inductor.runtime as r;"
-            "print(os.path.dirname(r.__file__))"
+            "import os, torch._inductor.runtime as r;print(os.path.dirname(r.__file__))"
         )
         child = subprocess.run(
             [sys.executable, "-c", probe], env=env, capture_output=True, text=True
