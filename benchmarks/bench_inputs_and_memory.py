@@ -9,6 +9,9 @@ Rows (CUDA-event medians, `step_us`, and the host time to issue a step,
   - external reduce-overhead: `x * 2 + 1` under mode="reduce-overhead", no
     symm_mem op, called with a new DLPack tensor on every call (all made
     before timing): what a user who never touches symm_mem sees;
+  - region reduce-overhead: `relu(unsafe(x @ w1)) @ w2` under reduce-overhead,
+    `unsafe` a CUDA-graph-unsafe custom op (a graph partition each side of
+    it): the graphs patch 4's hoisting changes for every user;
   - symm input {1,64} MB eager / default / reduce-overhead: a bf16
     `symm_mem.empty` tensor, rendezvoused, fed to `one_shot_all_reduce`: the
     eager op on that pre-staged input, and the compiled function in the
@@ -86,6 +89,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return compiled(externals[next(it) % len(externals)])
 
     timed("external reduce-overhead", external_step, args.calls)
+
+    # a graph with a CUDA-graph-unsafe region, under reduce-overhead: what
+    # patch 4's hoisting changes for users who never touch symm_mem
+    @torch.library.custom_op(
+        "symm_stack_bench::unsafe_scale",
+        mutates_args=(),
+        tags=(torch._C.Tag.cudagraph_unsafe,),
+    )
+    def unsafe_scale(x: torch.Tensor) -> torch.Tensor:
+        return x * 3
+
+    @unsafe_scale.register_fake
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    w1, w2 = (torch.randn(1024, 1024, device="cuda") / 32 for _ in range(2))
+    region = torch.compile(
+        lambda x: torch.relu(unsafe_scale(x @ w1)) @ w2, mode="reduce-overhead"
+    )
+    x_region = torch.randn(1024, 1024, device="cuda")
+
+    def region_step() -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return region(x_region)
+
+    timed("region reduce-overhead", region_step, args.calls)
     if "symm" not in args.rows:
         owners.clear()
     # symmetric graph inputs
