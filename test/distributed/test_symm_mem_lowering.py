@@ -15,6 +15,7 @@ GPUs (``@skip_if_lt_x_gpu(2)``).
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -203,8 +204,10 @@ class LoweringTest(SymmMemTestCase):
 
     @levels(1)
     def test_fx_graph_cache_hit_gets_buffers_of_its_own(self) -> None:
-        """Identical graphs, the second served by the FX graph cache: each
-        compiled module has P2P buffers of its own (no ids in the code)."""
+        """With the FX graph cache on, identical graphs (the second served by
+        the cache) and a different graph each get P2P buffers of their own:
+        no ids are baked into the code (Note [P2P buffers of a compiled
+        module])."""
         self._init_process()
         from torch._dynamo.utils import counters
 
@@ -213,21 +216,30 @@ class LoweringTest(SymmMemTestCase):
         def fn(x: torch.Tensor) -> torch.Tensor:
             return torch.ops.symm_mem.one_shot_all_reduce(x * 2, "sum", gname)
 
+        def other(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.symm_mem.one_shot_all_reduce(x * 3, "sum", gname)
+
         x = torch.randn(64, 128, device="cuda") * (dist.get_rank() + 1)
+        seen = [{t.data_ptr() for t in module_p2p_buffers()}]
         with torch._inductor.config.patch(
             {"fx_graph_cache": True, "force_disable_caches": False}
         ):
             first = torch.compile(fn, fullgraph=True)
             torch.testing.assert_close(first(x), nccl_all_reduce(x * 2))
-            before = {t.data_ptr() for t in module_p2p_buffers()}
+            seen.append({t.data_ptr() for t in module_p2p_buffers()})
             torch._dynamo.reset()
             counters.clear()
             second = torch.compile(fn, fullgraph=True)
             torch.testing.assert_close(second(x), nccl_all_reduce(x * 2))
             self.assertGreaterEqual(counters["inductor"]["fxgraph_cache_hit"], 1)
-        after = {t.data_ptr() for t in module_p2p_buffers()}
-        self.assertEqual(len(after - before), 1)  # the cached module's own
+            seen.append({t.data_ptr() for t in module_p2p_buffers()})
+            third = torch.compile(other, fullgraph=True)
+            torch.testing.assert_close(third(x), nccl_all_reduce(x * 3))
+            seen.append({t.data_ptr() for t in module_p2p_buffers()})
+        # each compiled module added one buffer of its own
+        self.assertEqual([len(b - a) for a, b in itertools.pairwise(seen)], [1, 1, 1])
         torch.testing.assert_close(first(x + 1), nccl_all_reduce(x * 2 + 2))
+        torch.testing.assert_close(second(x + 1), nccl_all_reduce(x * 2 + 2))
 
     @levels(1)
     def test_dynamic_site_memory_is_bounded(self) -> None:

@@ -150,6 +150,46 @@ class OutVariantLoweringTest(unittest.TestCase):
         self.assertNotIsInstance(node.layout, ir.CommBufferLayout)
         self.assertEqual(node.constant_args, ["sum", GROUP])
 
+    @levels(1)
+    def test_out_variant_table_takes_only_matching_schemas(self) -> None:
+        # Note [Out variants of fallback kernels]: the lowering passes the
+        # functional op's arguments on to the out overload as they are, so a
+        # pair whose schemas do not line up is refused, and nothing changes.
+        table = dict(ir._fallback_out_variants)
+        self.assertEqual(
+            table,
+            {
+                symm_mem.one_shot_all_reduce.default: (
+                    symm_mem.one_shot_all_reduce_out.default
+                ),
+                symm_mem.one_shot_all_reduce_copy.default: (
+                    symm_mem.one_shot_all_reduce_copy_out.default
+                ),
+            },
+        )
+        mismatched = [
+            # other arguments
+            (
+                symm_mem.one_shot_all_reduce.default,
+                symm_mem.one_shot_all_reduce_copy_out.default,
+            ),
+            # no `out` argument
+            (
+                symm_mem.one_shot_all_reduce_copy.default,
+                symm_mem.one_shot_all_reduce.default,
+            ),
+            # the "functional" op mutates its input and returns it
+            (
+                symm_mem.two_shot_all_reduce_.default,
+                symm_mem.one_shot_all_reduce_out.default,
+            ),
+        ]
+        for functional, out in mismatched:
+            with self.subTest(functional=str(functional), out=str(out)):
+                with self.assertRaises(ValueError):
+                    ir.register_fallback_out_variant(functional, out)
+                self.assertEqual(ir._fallback_out_variants, table)
+
     @levels(0, 0)
     def test_pin_lowers_functional_ops_to_fallback(self) -> None:
         for fn, op in [
