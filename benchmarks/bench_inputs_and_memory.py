@@ -92,10 +92,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # a graph with a CUDA-graph-unsafe region, under reduce-overhead: what
     # patch 4's hoisting changes for users who never touch symm_mem
+    # (an explicit schema: annotations are strings in this module)
     @torch.library.custom_op(
         "symm_stack_bench::unsafe_scale",
         mutates_args=(),
         tags=(torch._C.Tag.cudagraph_unsafe,),
+        schema="(Tensor x) -> Tensor",
     )
     def unsafe_scale(x: torch.Tensor) -> torch.Tensor:
         return x * 3

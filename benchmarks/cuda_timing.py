@@ -20,23 +20,36 @@ class StepTime(NamedTuple):
 
 def median_step_time(fn: Callable[[], Any], steps: int, repeats: int = 7) -> StepTime:
     """Time `repeats` runs of `steps` back-to-back calls of `fn`."""
+    return interleaved_step_times({"": fn}, steps, repeats)[""]
+
+
+def interleaved_step_times(
+    fns: dict[str, Callable[[], Any]], steps: int, repeats: int = 7
+) -> dict[str, StepTime]:
+    """Time `repeats` rounds of `steps` back-to-back calls of each of `fns`,
+    in turn within a round: a drift of the host's speed then reaches every
+    function alike, so rows that are compared by difference stay comparable."""
     import torch
 
-    means = []
-    hosts = []
+    means: dict[str, list[float]] = {name: [] for name in fns}
+    hosts: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        t1 = time.perf_counter()
-        end.record()
-        end.synchronize()
-        means.append(start.elapsed_time(end) * 1e3 / steps)
-        hosts.append((t1 - t0) * 1e6 / steps)
-    return StepTime(statistics.median(means), statistics.median(hosts))
+        for name, fn in fns.items():
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            t1 = time.perf_counter()
+            end.record()
+            end.synchronize()
+            means[name].append(start.elapsed_time(end) * 1e3 / steps)
+            hosts[name].append((t1 - t0) * 1e6 / steps)
+    return {
+        name: StepTime(statistics.median(means[name]), statistics.median(hosts[name]))
+        for name in fns
+    }
 
 
 # Multicast stays off on shared machines (NVLink SHARP); set before NCCL or
