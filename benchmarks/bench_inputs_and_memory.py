@@ -18,6 +18,9 @@ Rows (CUDA-event medians, `step_us`, and the host time to issue a step,
     default mode and under reduce-overhead;
   - plain input {1,64} MB default: the compiled function on an ordinary
     tensor (at the pin the op refuses it; from patch 5 on, one `copy_`);
+  - floor: x * 2, {1,64} MB default / reduce-overhead: `x * 2` compiled in
+    that mode, no collective: what any compiled function costs per call on
+    this host, at every level (the symm input rows cannot go below it);
 and the memory a dynamic-shape graph holds after 100 sizes of 16-18 MB
 (`one_shot_all_reduce(x @ w)`, default mode): device memory in use
 (cudaMemGetInfo, which also sees symmetric-memory mappings) over the start.
@@ -144,6 +147,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return fn(x)
 
             timed(f"symm input {mb} MB {mode}", step, 200)
+            floor = torch.compile(
+                lambda t: t * 2, mode=None if mode == "default" else mode
+            )
+            timed(
+                f"floor: x * 2, {mb} MB {mode}",
+                lambda f=floor, x=x, s=step: s(f, x),
+                200,
+            )
 
     # memory after 100 dynamic sizes
     if "memory" not in args.rows:
