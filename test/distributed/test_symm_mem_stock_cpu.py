@@ -5,12 +5,13 @@ Graphs without a symm_mem op are lowered twice on fake CUDA tensors
 child process without it, on the installed wheel (the pin).  The generated
 code must be byte-identical, with CUDA graphs off and on and with and without
 graph partitions: the hunks the series puts in paths every Inductor user
-runs (the scheduler, ``Layout`` in ir.py, the wrapper's prefix and header,
-``GraphLowering``) change nothing for them.  A graph with a CUDA-graph-unsafe
-region is the one case patch 4 changes for every user; with its flag
+runs (the scheduler, ``Layout`` and ``FallbackKernel.create`` in ir.py, the
+wrapper's prefix and header, ``GraphLowering``) change nothing for them.
+A graph with a CUDA-graph-unsafe region is the one case patch 4 changes for
+every user; with its flag
 ``graph_partition_hoist_region_allocations`` off it matches the pin too.
-The benchmark beside level 0 is ``external reduce-overhead`` in
-benchmarks/bench_inputs_and_memory.py.
+The benchmark rows beside level 0 are ``external reduce-overhead`` and
+``region reduce-overhead`` in benchmarks/bench_inputs_and_memory.py.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def cases() -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
     if hasattr(config, HOIST_FLAG):
         region[HOIST_FLAG] = False
     out["mm_unsafe_relu_mm/graph_partition/no_hoisting"] = (mm_unsafe_relu_mm, region)
+    # a fallback kernel in the default mode: FallbackKernel.create, which
+    # patch 1 gives its out-variant table, for an op not in that table
+    out["mm_unsafe_relu_mm/default"] = (mm_unsafe_relu_mm, CONFIGS["default"])
     return out
 
 
