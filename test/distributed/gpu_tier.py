@@ -157,7 +157,8 @@ def module_p2p_buffers(since: int = 0) -> list[torch.Tensor]:
         if buffers is None:
             continue
         held.extend(buffers._static.values())
-        held.extend(t for ts in buffers._dynamic.values() for t in ts)
+        for site in buffers._dynamic.values():
+            held.extend(t for t in (site.current, *site.captured) if t is not None)
     return held
 
 

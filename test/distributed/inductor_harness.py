@@ -144,13 +144,16 @@ def lower(
     codegen: bool = True,
     dynamic: bool = False,
     functionalize: bool = False,
+    cpp_wrapper: bool = False,
 ) -> Lowered:
     """Trace ``fn`` on fake CUDA tensors of the given shapes and lower it.
 
     Each input is ``(shape, dtype)``, or ``(shape, dtype, stride)`` for a
     static input of the given strides.
     With ``dynamic=True`` every dimension of every input is symbolic; with
-    ``functionalize=True`` the graph is functionalized as torch.compile does.
+    ``functionalize=True`` the graph is functionalized as torch.compile does;
+    with ``cpp_wrapper=True`` the wrapper is the C++ one (as under
+    ``config.cpp_wrapper`` or AOTInductor).
     """
     shape_env = ShapeEnv()
     mode = FakeTensorMode(shape_env=shape_env)
@@ -178,7 +181,9 @@ def lower(
             fn = torch.func.functionalize(fn, remove="mutations")
         gm = make_fx(fn)(*args)
     with fake_cuda_device():
-        graph = GraphLowering(gm, example_inputs=args, shape_env=shape_env)
+        graph = GraphLowering(
+            gm, example_inputs=args, shape_env=shape_env, cpp_wrapper=cpp_wrapper
+        )
         with DebugContext(), V.set_graph_handler(graph), V.set_fake_mode(mode):
             graph.run(*args)
             code = None

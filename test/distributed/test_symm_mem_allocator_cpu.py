@@ -1,9 +1,11 @@
-"""[5/5] Layout.allocator and staging of static graph inputs, CPU tier.
+"""[5/5] Staging of static graph inputs, CPU tier.
 
 Lowering and wrapper codegen on fake CUDA tensors (inductor_harness.py); no
-GPU, no process group.  The GPU tier is test_symm_mem_allocator.py.
+GPU, no process group; the site logic with a stand-in for the symmetric
+allocator.  The GPU tier is test_symm_mem_allocator.py; ranks whose
+allocators diverge are test_symm_mem_ranks_cpu.py.
 
-Which path `_maybe_realize_symm_mem` takes for an input of a symm_mem op:
+Which path `_symm_mem_input` takes for an input of a symm_mem op:
   1. Inductor allocates it: the buffer itself becomes P2P (CommBufferLayout);
   2. a static-shape graph input: a `SymmMemGraphInput`, which at run time is
      the input itself when it is symmetric memory, else a persistent P2P
@@ -14,17 +16,16 @@ Which path `_maybe_realize_symm_mem` takes for an input of a symm_mem op:
 
 from __future__ import annotations
 
+import gc
 import sys
 import unittest
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
-import torch.distributed as dist
 from torch._inductor import config, ir
-from torch._inductor.virtualized import V
 from torch.testing import FileCheck
-from torch.testing._internal.common_distributed import MultiProcessTestCase
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -60,6 +61,19 @@ def two_inputs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     )
 
 
+OTHER_GROUP = "1"
+
+
+def one_input_two_ops(x: torch.Tensor) -> torch.Tensor:
+    a = symm_mem.one_shot_all_reduce(x, "sum", GROUP)
+    return a + symm_mem.one_shot_all_reduce(x, "sum", GROUP)
+
+
+def one_input_two_groups(x: torch.Tensor) -> torch.Tensor:
+    a = symm_mem.one_shot_all_reduce(x, "sum", GROUP)
+    return a + symm_mem.one_shot_all_reduce(x, "sum", OTHER_GROUP)
+
+
 def graph_input_view(x: torch.Tensor) -> torch.Tensor:
     return symm_mem.one_shot_all_reduce(x[:, :16], "sum", GROUP)
 
@@ -81,99 +95,6 @@ def _call_body(code: str) -> str:
     return code[code.index("def call(self, args):") :]
 
 
-def _layout(
-    allocator: Any = None, size: tuple[int, ...] = (4, 8), cls: type = ir.FixedLayout
-) -> ir.Layout:
-    kwargs = {} if allocator is None else {"allocator": allocator}
-    return cls(CUDA, BF16, list(size), **kwargs)
-
-
-@levels(5)
-class AllocatorTypeTest(unittest.TestCase):
-    """The allocator is part of every layout and of every copy of one."""
-
-    def setUp(self) -> None:
-        self.symm = ir.AllocatorType.symm_mem(GROUP)
-
-    def test_values(self) -> None:
-        self.assertEqual(ir.AllocatorType(), ir.AllocatorType.DEFAULT)
-        self.assertEqual(ir.AllocatorType.DEFAULT.kind, ir.AllocatorKind.DEFAULT)
-        self.assertEqual(self.symm.kind, ir.AllocatorKind.SYMM_MEM)
-        self.assertEqual(self.symm.group_name, GROUP)
-        self.assertEqual(self.symm, ir.AllocatorType(ir.AllocatorKind.SYMM_MEM, GROUP))
-        self.assertNotEqual(self.symm, ir.AllocatorType.symm_mem("other"))
-        with self.assertRaisesRegex(ValueError, "group_name"):
-            ir.AllocatorType(ir.AllocatorKind.SYMM_MEM)
-        with self.assertRaisesRegex(ValueError, "group_name"):
-            ir.AllocatorType(ir.AllocatorKind.DEFAULT, GROUP)
-
-    def test_default(self) -> None:
-        for cls in (ir.FixedLayout, ir.FlexibleLayout):
-            self.assertEqual(_layout(cls=cls).allocator, ir.AllocatorType.DEFAULT)
-        self.assertNotIn("allocator", str(_layout()))
-        self.assertIn("allocator=symm_mem(group_name='0')", str(_layout(self.symm)))
-
-    def test_equality_ignores_the_allocator(self) -> None:
-        # Layouts that differ only in their allocator compare (and hash)
-        # equal: comparisons of layouts (template layout checks, buffer
-        # reuse keys) see a comm buffer as the FixedLayout it is.
-        plain, symm = _layout(), _layout(self.symm)
-        self.assertEqual(plain, symm)
-        self.assertEqual(hash(plain), hash(symm))
-
-    def test_as_fixed(self) -> None:
-        flexible = _layout(self.symm, cls=ir.FlexibleLayout)
-        fixed = flexible.as_fixed()
-        self.assertIs(type(fixed), ir.FixedLayout)
-        self.assertEqual(fixed.allocator, self.symm)
-        self.assertIs(fixed.as_fixed(), fixed)
-
-    def test_flexible_layout_copies(self) -> None:
-        lowered = lower(graph_input_one_shot, [((4, 8), BF16)], codegen=False)
-        flexible = _layout(self.symm, size=(2, 3, 4), cls=ir.FlexibleLayout)
-        with V.set_graph_handler(lowered.graph):
-            copies = {
-                "as_stride_order": flexible.as_stride_order([2, 1, 0]),
-                "as_exact_strides": flexible.as_exact_strides([12, 4, 1]),
-                "as_fill_order": flexible.as_fill_order([2, 1, 0]),
-                "as_same_order": flexible.as_same_order([1, 2, 6]),
-            }
-        for name, layout in copies.items():
-            with self.subTest(copy=name):
-                self.assertIs(type(layout), ir.FixedLayout)
-                self.assertEqual(layout.allocator, self.symm)
-
-    def test_views_keep_the_allocator(self) -> None:
-        lowered = lower(graph_input_one_shot, [((4, 8), BF16)], codegen=False)
-        with V.set_graph_handler(lowered.graph):
-            buf = ir.Buffer(name="buf_test", layout=_layout(self.symm))
-            box = ir.TensorBox.create(buf)
-            views = {
-                "permute": ir.PermuteView.create(box, [1, 0]),
-                "slice": ir.SliceView.create(box, 1, 0, 4),
-                "dtype": ir.DtypeView.create(box, torch.float16),
-            }
-            for name, view in views.items():
-                with self.subTest(view=name):
-                    self.assertIsInstance(view, ir.ReinterpretView)
-                    self.assertEqual(view.get_layout().allocator, self.symm)
-            non_owning = ir.NonOwningLayout(views["permute"])
-            self.assertEqual(non_owning.allocator, self.symm)
-
-    def test_comm_buffer_layout_is_symm_mem(self) -> None:
-        for source in (_layout(), _layout(self.symm), _layout(cls=ir.FlexibleLayout)):
-            with self.subTest(source=str(source)):
-                comm = ir.CommBufferLayout(source, ir.CommBufferType.SYMM_MEM, GROUP)
-                self.assertEqual(comm.allocator, self.symm)
-                self.assertEqual(comm, _layout())
-        with self.assertRaisesRegex(AssertionError, "allocator"):
-            ir.CommBufferLayout(
-                _layout(ir.AllocatorType.symm_mem("other")),
-                ir.CommBufferType.SYMM_MEM,
-                GROUP,
-            )
-
-
 @levels(5)
 class InputPathTest(unittest.TestCase):
     """Which of the three paths each kind of symm_mem input takes."""
@@ -182,10 +103,12 @@ class InputPathTest(unittest.TestCase):
         self, lowered: Lowered, node: Any, input_index: int, site: int
     ) -> None:
         self.assertIsInstance(node.layout, ir.CommBufferLayout)
-        self.assertEqual(node.layout.allocator, ir.AllocatorType.symm_mem(GROUP))
+        self.assertEqual(node.layout.group_name, GROUP)
         (src,) = node.inputs
         self.assertIsInstance(src, ir.InputBuffer)
         self.assertEqual(src.get_name(), lowered.input_name(input_index))
+        # it may be the caller's tensor: the scheduler knows it aliases it
+        self.assertEqual(node.get_inputs_that_alias_output(), [src.get_name()])
         self.assertIn(node.get_name(), lowered.graph.never_reuse_buffers)
         assert lowered.code is not None
         # made in `call` from the argument, then read by the op
@@ -224,6 +147,24 @@ class InputPathTest(unittest.TestCase):
         assert lowered.code is not None
         # only the final add is a kernel
         FileCheck().check_count("@triton.jit", 1, exactly=True).run(lowered.code)
+
+    def test_one_site_per_input_and_group(self) -> None:
+        # Two ops of one group read x: one node, one site, one staging buffer
+        # and one copy. Another group gets a node of its own.
+        lowered = lower(one_input_two_ops, [((64, 32), BF16)])
+        (node,) = _graph_inputs(lowered)
+        self._assert_graph_input(lowered, node, 0, site=0)
+        ops = lowered.by_op(symm_mem.one_shot_all_reduce_out.default)
+        self.assertEqual([op.inputs[0].get_name() for op in ops], [node.get_name()] * 2)
+        assert lowered.code is not None
+        FileCheck().check_count("p2p_buffers.graph_input(", 1, exactly=True).run(
+            lowered.code
+        )
+        lowered = lower(one_input_two_groups, [((64, 32), BF16)])
+        nodes = _graph_inputs(lowered)
+        self.assertEqual(
+            sorted(n.layout.group_name for n in nodes), sorted([GROUP, OTHER_GROUP])
+        )
 
     def test_graph_input_is_never_handed_to_another_buffer(self) -> None:
         # The second collective's input (x's shape) is a P2P buffer too; memory
@@ -298,7 +239,6 @@ class InputPathTest(unittest.TestCase):
         # the mm writes the P2P buffer itself: no copy of any kind
         self.assertIsInstance(buf, ir.ExternKernelOut)
         self.assertIsInstance(buf.layout, ir.CommBufferLayout)
-        self.assertEqual(buf.layout.allocator, ir.AllocatorType.symm_mem(GROUP))
         assert lowered.code is not None
         self.assertNotIn(".copy_(", lowered.code)
         self.assertNotIn("@triton.jit", lowered.code)
@@ -368,148 +308,162 @@ class GraphInputPlacementTest(unittest.TestCase):
         ).check_same("pass_through=True, cudagraphs=False)").run(lowered.code)
 
 
-class _StandIn:
-    """Stands in for the symmetric-memory test: `owned` says which tensors
-    are symmetric; `asked` counts the decisions."""
+class _SymmetricStandIn:
+    """Stands in for the symmetric allocator on the CPU: the storages of
+    `symmetric` are symmetric memory; `asked` counts the questions and
+    `rendezvoused` the rendezvous calls."""
 
-    def __init__(self, owned: set[int]) -> None:
-        self.owned = owned
+    def __init__(self, *symmetric: torch.Tensor) -> None:
+        self.storages = {t.untyped_storage()._cdata for t in symmetric}
         self.asked = 0
+        self.rendezvoused: list[int] = []
+        self.allocated: list[torch.Tensor] = []
 
-    def __call__(self, x: torch.Tensor, group_name: str) -> bool:
+    def is_symm_mem_tensor(self, x: torch.Tensor) -> bool:
         self.asked += 1
-        return id(x) in self.owned
+        return x.untyped_storage()._cdata in self.storages
+
+    def rendezvous(self, x: torch.Tensor, group_name: str) -> None:
+        self.rendezvoused.append(x.untyped_storage()._cdata)
+
+    def allocate(
+        self,
+        size: Any,
+        stride: Any,
+        dtype: torch.dtype,
+        device: torch.device,
+        group_name: str,
+    ) -> torch.Tensor:
+        buf = torch.empty_strided(size, stride, dtype=dtype)
+        self.allocated.append(buf)
+        return buf
+
+    def install(self, test: unittest.TestCase, capturing: bool = False) -> None:
+        from torch._inductor.runtime import p2p_buffers
+        from torch.distributed import _symmetric_memory
+
+        for patcher in (
+            mock.patch.object(
+                _symmetric_memory, "_is_symm_mem_tensor", self.is_symm_mem_tensor
+            ),
+            mock.patch.object(p2p_buffers, "_rendezvous", self.rendezvous),
+            mock.patch.object(p2p_buffers, "_allocate", self.allocate),
+            mock.patch.object(p2p_buffers, "_capturing", lambda device: capturing),
+        ):
+            patcher.start()
+            test.addCleanup(patcher.stop)
 
 
 @levels(5)
 class InputSiteTest(unittest.TestCase):
-    """Note [Symmetric graph inputs]: when a site decides, and what."""
+    """Note [Symmetric graph inputs]: what a site passes through, asks and
+    rendezvouses."""
 
-    def _site(self, cudagraphs: bool, *owned: torch.Tensor) -> Any:
+    def _site(self, *symmetric: torch.Tensor) -> tuple[Any, _SymmetricStandIn]:
         from torch._inductor.runtime.p2p_buffers import _InputSite
 
-        probe = _StandIn({id(t) for t in owned})
-        return _InputSite(cudagraphs, decide=probe), probe
+        stand_in = _SymmetricStandIn(*symmetric)
+        stand_in.install(self)
+        return _InputSite(), stand_in
 
-    def test_decides_once_per_address(self) -> None:
+    def test_asks_once_per_storage(self) -> None:
         symm, plain = torch.empty(64), torch.empty(64)
-        site, probe = self._site(False, symm)
+        site, stand_in = self._site(symm)
         for _ in range(3):
-            self.assertTrue(site.passes_through(symm, GROUP))
-            self.assertFalse(site.passes_through(plain, GROUP))
-        self.assertEqual(probe.asked, 2)
+            self.assertTrue(site.passes_through(symm, GROUP, False))
+            self.assertFalse(site.passes_through(plain, GROUP, False))
+            # a view of the same storage is the same storage
+            self.assertTrue(site.passes_through(symm.view(8, 8), GROUP, False))
+        self.assertEqual(stand_in.asked, 2)
+        # the symmetric storage is rendezvoused when first met, and only then
+        self.assertEqual(stand_in.rendezvoused, [symm.untyped_storage()._cdata])
 
-    def test_a_view_of_the_same_storage_is_not_asked_again(self) -> None:
+    def test_a_dead_storage_is_forgotten(self) -> None:
         symm = torch.empty(64)
-        site, probe = self._site(False, symm)
-        self.assertTrue(site.passes_through(symm, GROUP))
-        # same address, same storage
-        self.assertTrue(site.passes_through(symm.view(8, 8), GROUP))
-        self.assertEqual(probe.asked, 1)
+        site, stand_in = self._site(symm)
+        self.assertTrue(site.passes_through(symm, GROUP, False))
+        del symm
+        gc.collect()
+        for _ in range(3):
+            plain = torch.empty(64)
+            self.assertFalse(site.passes_through(plain, GROUP, False))
+            del plain
 
-    def test_a_new_storage_at_a_symmetric_address_is_asked_again(self) -> None:
-        symm = torch.empty(64)
-        site, probe = self._site(False, symm)
-        self.assertTrue(site.passes_through(symm, GROUP))
-        other = torch.empty(0).set_(torch.UntypedStorage(256))
-        # stand for a new storage at the same address
-        site.decided[other.data_ptr()] = site.decided.pop(symm.data_ptr())
-        self.assertFalse(site.passes_through(other, GROUP))
-        self.assertEqual(probe.asked, 2)
-
-    def test_default_mode_passes_every_symmetric_address(self) -> None:
+    def test_default_mode_passes_every_symmetric_storage(self) -> None:
         a, b = torch.empty(64), torch.empty(64)
-        site, probe = self._site(False, a, b)
+        site, stand_in = self._site(a, b)
         for _ in range(2):
-            self.assertTrue(site.passes_through(a, GROUP))
-            self.assertTrue(site.passes_through(b, GROUP))
-        self.assertEqual(probe.asked, 2)
+            self.assertTrue(site.passes_through(a, GROUP, False))
+            self.assertTrue(site.passes_through(b, GROUP, False))
+        self.assertEqual(stand_in.asked, 2)
 
-    def test_cudagraphs_pass_one_address_only(self) -> None:
-        # A second symmetric address would be a second static-input address,
-        # a recording per address: it is copied, and not even asked about.
+    def test_cudagraphs_pass_one_storage_only(self) -> None:
+        # A second symmetric storage would be a second static-input address,
+        # a recording per address: it is copied.
         a, b, plain = torch.empty(64), torch.empty(64), torch.empty(64)
-        site, probe = self._site(True, a, b)
-        self.assertFalse(site.passes_through(plain, GROUP))
-        self.assertTrue(site.passes_through(a, GROUP))
-        self.assertFalse(site.passes_through(b, GROUP))
-        self.assertTrue(site.passes_through(a, GROUP))
-        self.assertEqual(probe.asked, 2)
-        self.assertEqual(site.pinned, a.data_ptr())
+        site, _ = self._site(a, b)
+        self.assertFalse(site.passes_through(plain, GROUP, True))
+        self.assertTrue(site.passes_through(a, GROUP, True))
+        self.assertFalse(site.passes_through(b, GROUP, True))
+        self.assertTrue(site.passes_through(a, GROUP, True))
 
-    def test_remembered_addresses_are_bounded(self) -> None:
+    def test_remembered_storages_are_bounded(self) -> None:
         symm = torch.empty(64)
-        site, probe = self._site(True, symm)
-        site.MAX_DECIDED = 4
-        self.assertTrue(site.passes_through(symm, GROUP))
-        site.cudagraphs = False  # let copies be remembered
-        plain = [torch.empty(64) for _ in range(10)]
-        for t in plain:
-            self.assertFalse(site.passes_through(t, GROUP))
-            self.assertLessEqual(len(site.decided), 4)
-        # the pass-through address is never forgotten
-        self.assertIn(symm.data_ptr(), site.decided)
-        self.assertTrue(site.passes_through(symm, GROUP))
-        self.assertEqual(probe.asked, 11)
+        site, stand_in = self._site(symm)
+        site.MAX_REMEMBERED = 4
+        self.assertTrue(site.passes_through(symm, GROUP, True))
+        for _ in range(10):
+            self.assertFalse(site.passes_through(torch.empty(64), GROUP, True))
+            self.assertLessEqual(len(site.seen), 5)
+        # the pinned storage is never forgotten
+        self.assertTrue(site.passes_through(symm, GROUP, True))
+        self.assertEqual(stand_in.asked, 11)
 
 
 @levels(5)
-class RankAgreementTest(MultiProcessTestCase):
-    """Two CPU ranks (gloo) with a stand-in for the symmetric-memory test:
-    an input passes through only where every rank's does."""
+class GraphInputRuntimeTest(unittest.TestCase):
+    """`P2PBuffers.graph_input`: the staging buffer is made at the site's
+    first call whatever the input is, so its allocation (a collective) is at
+    the same call on every rank."""
 
-    @property
-    def world_size(self) -> int:
-        return 2
+    def _buffers(
+        self, *symmetric: torch.Tensor, capturing: bool = False
+    ) -> tuple[Any, _SymmetricStandIn]:
+        from torch._inductor.runtime.p2p_buffers import P2PBuffers
 
-    def setUp(self) -> None:
-        super().setUp()
-        self._spawn_processes()
+        stand_in = _SymmetricStandIn(*symmetric)
+        stand_in.install(self, capturing=capturing)
+        return P2PBuffers(), stand_in
 
-    def _group(self) -> str:
-        dist.init_process_group(
-            "gloo",
-            rank=self.rank,
-            world_size=self.world_size,
-            init_method=f"file://{self.file_name}",
-        )
-        self.addCleanup(dist.destroy_process_group)
-        return dist.group.WORLD.group_name
+    def test_staging_is_allocated_at_the_first_call(self) -> None:
+        symm = torch.randn(64)
+        buffers, stand_in = self._buffers(symm)
+        self.assertIs(buffers.graph_input(0, symm, GROUP, True, False), symm)
+        self.assertEqual(len(stand_in.allocated), 1)
+        for _ in range(3):
+            plain = torch.randn(64)
+            out = buffers.graph_input(0, plain, GROUP, True, False)
+            self.assertIs(out, stand_in.allocated[0])
+            self.assertTrue(torch.equal(out, plain))
+        self.assertEqual(len(stand_in.allocated), 1)
 
-    def test_agreed_across_ranks(self) -> None:
-        from torch._inductor.runtime.p2p_buffers import agreed_across_ranks
+    def test_without_pass_through_always_copies(self) -> None:
+        symm = torch.randn(64)
+        buffers, stand_in = self._buffers(symm)
+        out = buffers.graph_input(0, symm, GROUP, False, True)
+        self.assertIs(out, stand_in.allocated[0])
+        self.assertTrue(torch.equal(out, symm))
+        self.assertEqual(stand_in.asked, 0)
 
-        group = self._group()
-        cpu = torch.device("cpu")
-        for answers in [(True, True), (True, False), (False, True), (False, False)]:
-            self.assertEqual(
-                agreed_across_ranks(answers[self.rank], group, cpu), all(answers)
-            )
-
-    def test_sites_decide_alike_on_every_rank(self) -> None:
-        from torch._inductor.runtime.p2p_buffers import _InputSite, agreed_across_ranks
-
-        group = self._group()
-        # rank 0 holds symmetric memory in both inputs, rank 1 only in `b`
-        a, b = torch.empty(64), torch.empty(64)
-        local = _StandIn({id(a), id(b)} if self.rank == 0 else {id(b)})
-
-        def decide(x: torch.Tensor, group_name: str) -> bool:
-            return agreed_across_ranks(local(x, group_name), group_name, x.device)
-
-        site = _InputSite(False, decide=decide)
-        for _ in range(2):
-            self.assertFalse(site.passes_through(a, group))
-            self.assertTrue(site.passes_through(b, group))
-        # one decision per address on both ranks, so no rank waits alone
-        self.assertEqual(local.asked, 2)
-
-
-@levels(0, 4)
-class PinAllocatorTest(unittest.TestCase):
-    def test_layout_has_no_allocator_before_patch_5(self) -> None:
-        self.assertFalse(hasattr(ir, "AllocatorType"))
-        self.assertFalse(hasattr(_layout(), "allocator"))
+    def test_first_call_under_a_capture(self) -> None:
+        # Nothing is allocated during a capture: a symmetric input passes
+        # through, any other is refused with what to do.
+        symm = torch.randn(64)
+        buffers, stand_in = self._buffers(symm, capturing=True)
+        self.assertIs(buffers.graph_input(0, symm, GROUP, True, False), symm)
+        self.assertEqual(stand_in.allocated, [])
+        with self.assertRaisesRegex(RuntimeError, "call the module once"):
+            buffers.graph_input(0, torch.randn(64), GROUP, True, False)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import unittest
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import torch
@@ -59,6 +60,9 @@ from stack_level import holds, levels  # noqa: E402
 P2P = P2P_ALLOC if holds(1) else PIN_P2P_ALLOC
 
 EIGHT_LAYER_INPUTS = [((128, 4096), BF16)] + [((4096, 4096), BF16)] * 8
+
+
+CPU = torch.device("cpu")
 
 
 def one_shot_copy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -376,8 +380,8 @@ class UncontrolledInputTest(unittest.TestCase):
         assert lowered.code is not None
         # one growing buffer for every size, never an alloc_id
         check_counts(lowered.code, {P2P_DYNAMIC: 1, P2P_STATIC: 0, "alloc_id": 0})
-        FileCheck().check(f"{p2p.get_name()} = p2p_buffers.dynamic(0, (s").check(
-            "keep_replaced=False)"
+        FileCheck().check(f"{p2p.get_name()} = p2p_buffers.dynamic(0, (s").check_same(
+            f'"{GROUP}")'
         ).run(lowered.code)
 
     @levels(1)
@@ -392,15 +396,20 @@ class UncontrolledInputTest(unittest.TestCase):
         check_counts(lowered.code, {TRITON_KERNEL: 0, P2P_DYNAMIC: 1, P2P_STATIC: 0})
 
     @levels(1)
-    def test_dynamic_site_keeps_replaced_buffers_under_cudagraphs(self) -> None:
-        with torch._inductor.config.patch({"triton.cudagraphs": True}):
-            lowered = lower(
-                mm_one_shot, [((64, 128), BF16), ((128, 32), BF16)], dynamic=True
-            )
-        assert lowered.code is not None
-        FileCheck().check("= p2p_buffers.dynamic(").check_same(
-            "keep_replaced=True)"
-        ).run(lowered.code)
+    def test_dynamic_site_code_is_the_same_under_cudagraphs(self) -> None:
+        # Whether a replaced allocation may be freed is decided at run time
+        # (a capture may come from the caller), never from config at codegen.
+        codes = []
+        for cudagraphs in (False, True):
+            with torch._inductor.config.patch({"triton.cudagraphs": cudagraphs}):
+                lowered = lower(
+                    mm_one_shot, [((64, 128), BF16), ((128, 32), BF16)], dynamic=True
+                )
+            assert lowered.code is not None
+            (line,) = [ln for ln in lowered.code.splitlines() if P2P_DYNAMIC in ln]
+            codes.append(line.strip())
+        self.assertEqual(codes[0], codes[1])
+        self.assertTrue(codes[0].endswith(f'"{GROUP}")'), codes[0])
 
     @levels(0, 0)
     def test_pin_dynamic_p2p_buffer_is_persistent(self) -> None:
@@ -557,6 +566,106 @@ class P2PBuffersCodegenTest(unittest.TestCase):
         self.assertIn(p2p, returned_names(lowered.code))
 
 
+def norm_all_reduce_scale(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "the norm, all-reduce, scale-the-grad pattern: the graph mutates its input"
+    n = (g * g).sum()
+    y = symm_mem.one_shot_all_reduce(g, "sum", GROUP)
+    g.mul_(0.5)
+    return y, n
+
+
+def _scheduled_at(lowered: Any, pred: Any) -> int:
+    "the position in the schedule of the first node that `pred` accepts"
+    for i, snode in enumerate(lowered.graph.scheduler.nodes):
+        if any(pred(sub) for sub in snode.get_nodes()):
+            return i
+    raise AssertionError("no such node")
+
+
+class InputMutationTest(unittest.TestCase):
+    """A graph that mutates the input of a collective writes it back only
+    after the collective read it: at no level may the write come first."""
+
+    ONE_SHOT = (
+        symm_mem.one_shot_all_reduce.default,
+        symm_mem.one_shot_all_reduce_out.default,
+    )
+
+    def test_write_back_after_the_collective_reads_the_input(self) -> None:
+        lowered = lower(norm_all_reduce_scale, [((64, 32), BF16)], functionalize=True)
+        name = lowered.input_name(0)
+        (collective,) = [
+            b
+            for b in lowered.buffers()
+            if getattr(b, "op_overload", None) in self.ONE_SHOT
+        ]
+        read = lowered.graph.get_buffer(collective.inputs[0].get_name())
+        write = _scheduled_at(
+            lowered,
+            lambda n: any(name in buf.get_mutations() for buf in n.get_outputs()),
+        )
+        if read.get_name() == name or isinstance(
+            read, getattr(ir, "SymmMemGraphInput", ())
+        ):
+            # the collective reads the input itself (the pin, [1/5]) or a
+            # node that may be the input at run time ([5/5]): the write comes
+            # after it
+            at = _scheduled_at(lowered, lambda n: n.node is collective)
+            self.assertLess(at, write)
+        else:
+            # it reads a copy, which is made no later than the write (a fused
+            # kernel reads each element before it writes it)
+            at = _scheduled_at(lowered, lambda n: n.node is read)
+            self.assertLessEqual(at, write)
+
+    @levels(5)
+    def test_passed_through_input_is_written_after_it_is_read(self) -> None:
+        lowered = lower(norm_all_reduce_scale, [((64, 32), BF16)], functionalize=True)
+        name = lowered.input_name(0)
+        assert lowered.code is not None
+        FileCheck().check(f"= p2p_buffers.graph_input(0, {name}, ").check(
+            "torch.ops.symm_mem.one_shot_all_reduce_out.default("
+        ).check(".run(").check_same(f", {name}, ").run(lowered.code)
+
+
+class CppWrapperTest(unittest.TestCase):
+    """The cpp wrapper (and AOTInductor) has no P2P buffers: inputs reach the
+    op as they are, and no Python is written into the C++."""
+
+    PYTHON = ("p2p_buffers", "P2PBuffers", "empty_strided_p2p", "# symm_mem")
+
+    def _code(self, fn: Any, inputs: Any) -> str:
+        lowered = lower(fn, inputs, cpp_wrapper=True)
+        assert lowered.code is not None
+        self.assertIn("inductor_entry_impl", lowered.code)
+        self.assertEqual(comm_layout_names(lowered), [])
+        return lowered.code
+
+    def test_graph_input_reaches_the_op_as_it_is(self) -> None:
+        code = self._code(graph_input_one_shot, [((64, 32), BF16)])
+        for text in self.PYTHON:
+            self.assertNotIn(text, code)
+        FileCheck().check('"torch.ops.symm_mem.one_shot_all_reduce.default"').run(code)
+
+    @levels(1)
+    def test_no_python_in_the_cpp_wrapper(self) -> None:
+        # An Inductor buffer (no Triton kernel: the CPU tier cannot make the
+        # cpp wrapper's kernel launch code without compiling one)
+        code = self._code(mm_one_shot, [((64, 128), BF16), ((128, 32), BF16)])
+        for text in self.PYTHON:
+            self.assertNotIn(text, code)
+
+    @levels(0, 0)
+    def test_pin_writes_python_into_the_cpp_wrapper(self) -> None:
+        # An Inductor buffer realized as a comm buffer: the pin's free line
+        # ends in a Python comment, in C++.
+        lowered = lower(
+            mm_one_shot, [((64, 128), BF16), ((128, 32), BF16)], cpp_wrapper=True
+        )
+        assert lowered.code is not None
+        self.assertIn("# symm_mem buffer free", lowered.code)
+
+
 class P2PBuffersRuntimeTest(unittest.TestCase):
     """[1/5] `P2PBuffers`, with a CPU stand-in for the symmetric allocator
     (the GPU tier runs it on `empty_strided_p2p`)."""
@@ -570,10 +679,10 @@ class P2PBuffersRuntimeTest(unittest.TestCase):
             size: tuple[int, ...],
             stride: tuple[int, ...],
             dtype: torch.dtype,
-            device: str,
+            device: torch.device,
             group_name: str,
         ) -> torch.Tensor:
-            self.assertEqual((device, group_name), ("cpu", GROUP))
+            self.assertEqual((device, group_name), (CPU, GROUP))
             buf = torch.empty_strided(size, stride, dtype=dtype)
             self.allocations.append(buf)
             return buf
@@ -585,56 +694,78 @@ class P2PBuffersRuntimeTest(unittest.TestCase):
 
     @levels(1)
     def test_static_site_allocates_once(self) -> None:
-        a = self.buffers.static(0, (4, 8), (8, 1), BF16, "cpu", GROUP)
-        b = self.buffers.static(0, (4, 8), (8, 1), BF16, "cpu", GROUP)
-        c = self.buffers.static(1, (4, 8), (8, 1), BF16, "cpu", GROUP)
+        a = self.buffers.static(0, (4, 8), (8, 1), BF16, CPU, GROUP)
+        b = self.buffers.static(0, (4, 8), (8, 1), BF16, CPU, GROUP)
+        c = self.buffers.static(1, (4, 8), (8, 1), BF16, CPU, GROUP)
         self.assertIs(a, b)
         self.assertIsNot(a, c)
         self.assertEqual(len(self.allocations), 2)
 
+    def _held(self) -> list[torch.Tensor]:
+        sites = self.buffers._dynamic.values()
+        return [t for site in sites for t in (site.current, *site.captured)]
+
     def _held_bytes(self) -> int:
-        held = [t for ts in self.buffers._dynamic.values() for t in ts]
-        return sum(t.untyped_storage().nbytes() for t in held)
+        return sum(t.untyped_storage().nbytes() for t in self._held())
+
+    def _dynamic(self, rows: int, cols: int = 64) -> torch.Tensor:
+        return self.buffers.dynamic(0, (rows, cols), (cols, 1), BF16, CPU, GROUP)
+
+    def _capturing(self, answer: bool) -> Any:
+        from torch._inductor.runtime import p2p_buffers
+
+        return mock.patch.object(p2p_buffers, "_capturing", lambda device: answer)
 
     @levels(1)
     def test_dynamic_site_holds_under_twice_the_largest_size(self) -> None:
         sizes = [(n, 96) for n in random.Random(0).sample(range(1, 5000), 100)]
         largest = 0
         for rows, cols in sizes:
-            view = self.buffers.dynamic(
-                0, (rows, cols), (cols, 1), BF16, "cpu", GROUP, keep_replaced=False
-            )
+            view = self._dynamic(rows, cols)
             self.assertEqual((view.shape, view.stride()), ((rows, cols), (cols, 1)))
             largest = max(largest, rows * cols * 2)
             self.assertLess(self._held_bytes(), 2 * largest)
+            # nothing was captured: only the allocation in use is held
+            self.assertEqual(len(self._held()), 1)
         # grows by powers of two: a few allocations, not one per size
         self.assertLessEqual(len(self.allocations), 14)
 
     @levels(1)
-    def test_dynamic_site_under_cudagraphs_keeps_what_it_replaced(self) -> None:
+    def test_dynamic_site_keeps_what_a_capture_used(self) -> None:
+        # The vLLM pattern on a default-mode module: the caller captures a
+        # call at a small size with torch.cuda.graph, calls eagerly at a
+        # larger size, then replays the capture. The allocation the capture
+        # used must outlive the eager call that replaced it.
+        with self._capturing(True):
+            captured = self._dynamic(8)
+        self._dynamic(4096)
+        held = {t.untyped_storage().data_ptr() for t in self._held()}
+        self.assertIn(captured.untyped_storage().data_ptr(), held)
+        # an allocation no capture used is freed when replaced
+        with self._capturing(False):
+            eager = self._dynamic(8192)
+            self._dynamic(65536)
+        held = {t.untyped_storage().data_ptr() for t in self._held()}
+        self.assertNotIn(eager.untyped_storage().data_ptr(), held)
+        self.assertIn(captured.untyped_storage().data_ptr(), held)
+
+    @levels(1)
+    def test_dynamic_site_under_captures_holds_under_four_times(self) -> None:
+        # a cudagraph tree records at every new size: every allocation a
+        # recorded graph may replay is kept, within four times the largest
         largest = 0
         views = []
-        for rows in range(1, 3000, 37):
-            views.append(
-                self.buffers.dynamic(
-                    0, (rows, 64), (64, 1), BF16, "cpu", GROUP, keep_replaced=True
-                )
-            )
-            largest = max(largest, rows * 64 * 2)
-            self.assertLess(self._held_bytes(), 4 * largest)
-        # every allocation a recorded graph may use is still held
-        held = {
-            t.untyped_storage().data_ptr()
-            for ts in self.buffers._dynamic.values()
-            for t in ts
-        }
+        with self._capturing(True):
+            for rows in range(1, 3000, 37):
+                views.append(self._dynamic(rows))
+                largest = max(largest, rows * 64 * 2)
+                self.assertLess(self._held_bytes(), 4 * largest)
+        held = {t.untyped_storage().data_ptr() for t in self._held()}
         self.assertTrue({v.untyped_storage().data_ptr() for v in views} <= held)
 
     @levels(1)
     def test_dynamic_site_of_size_zero(self) -> None:
-        view = self.buffers.dynamic(
-            0, (0, 8), (8, 1), BF16, "cpu", GROUP, keep_replaced=False
-        )
+        view = self.buffers.dynamic(0, (0, 8), (8, 1), BF16, CPU, GROUP)
         self.assertEqual(view.shape, (0, 8))
 
 
