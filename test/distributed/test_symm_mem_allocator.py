@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -436,93 +435,6 @@ class SymmetricGraphInputTest(GraphInputCopies, SymmMemTestCase):
             out = call(x).clone()
             torch.testing.assert_close(out, nccl_all_reduce(owner), msg=f"call {it}")
         self.assertEqual(len(tree_nodes()), 1)
-
-
-# Run by UserCaptureTest in a process of its own: an illegal memory access
-# poisons the CUDA context, and would end the test's worker.
-USER_CAPTURE_CHILD = """
-import os, sys, torch, torch.distributed as dist
-import torch.distributed._symmetric_memory  # noqa: F401
-
-torch.cuda.set_device(0)
-dist.init_process_group("nccl", rank=0, world_size=1)
-gname = dist.group.WORLD.group_name
-
-def fn(x):
-    return torch.ops.symm_mem.one_shot_all_reduce(x * 2, "sum", gname)
-
-compiled = torch.compile(fn, fullgraph=True, dynamic=True)
-small = torch.randn(8, 64, device="cuda")
-torch.testing.assert_close(compiled(small), small * 2)
-side = torch.cuda.Stream()
-side.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(side):
-    compiled(small)
-torch.cuda.current_stream().wait_stream(side)
-graph = torch.cuda.CUDAGraph()
-with torch.cuda.graph(graph):
-    captured = compiled(small)
-big = torch.randn(4096, 64, device="cuda")
-torch.testing.assert_close(compiled(big), big * 2)
-for it in range(5):
-    small.copy_(torch.randn(8, 64, device="cuda"))
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(captured, small * 2, msg=f"replay {it}")
-dist.destroy_process_group()
-print("replays after a larger eager call: OK")
-"""
-
-
-class UserCaptureTest(SymmMemTestCase):
-    """A default-mode module under the caller's own torch.cuda.graph (the
-    vLLM pattern): capture at a small size, call eagerly at a larger one,
-    then replay the capture. The allocation the capture used must still be
-    there (`P2PBuffers.dynamic` decides that at run time)."""
-
-    @levels(1)
-    def test_replay_after_a_larger_eager_call(self) -> None:
-        self._init_process()
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(29700 + dist.get_rank()),
-            "CUDA_VISIBLE_DEVICES": str(torch.cuda.current_device()),
-            "PYTHONPATH": os.pathsep.join(sys.path),
-        }
-        child = subprocess.run(
-            [sys.executable, "-c", USER_CAPTURE_CHILD],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        self.assertEqual(child.returncode, 0, child.stderr[-3000:])
-        self.assertIn("replays after a larger eager call: OK", child.stdout)
-
-
-class CppWrapperTest(SymmMemTestCase):
-    """The cpp wrapper has no P2P buffers: a symmetric graph input reaches
-    the op as it is, as at the pin, and gives the pin's result."""
-
-    @levels(0)
-    def test_symmetric_input(self) -> None:
-        self._init_process()
-        gname = group_name()
-
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.symm_mem.one_shot_all_reduce(x, "sum", gname)
-
-        with torch._inductor.config.patch(cpp_wrapper=True):
-            compiled = torch.compile(fn, fullgraph=True)
-            x = symmetric_tensor("empty", (256, 512))
-            x.copy_(torch.randn(x.shape, device="cuda"))
-            out, (code,) = run_and_get_code(compiled, x)
-            torch.testing.assert_close(out, nccl_all_reduce(x))
-            for it in range(3):
-                x.copy_(torch.randn(x.shape, device="cuda"))
-                torch.testing.assert_close(compiled(x), nccl_all_reduce(x), msg=f"{it}")
-        self.assertNotIn("p2p_buffers", code)
 
 
 @instantiate_parametrized_tests
