@@ -56,7 +56,8 @@ def module_p2p_bytes() -> int:
         buffers = getattr(mod, "p2p_buffers", None)
         if buffers is not None:
             held = [*buffers._static.values()]
-            held += [t for ts in buffers._dynamic.values() for t in ts]
+            for site in buffers._dynamic.values():
+                held += [t for t in (site.current, *site.captured) if t is not None]
             total += sum(t.untyped_storage().nbytes() for t in held)
     return total
 
