@@ -19,6 +19,7 @@ from unittest import mock
 
 import torch
 from torch._inductor import ir
+from torch._inductor.virtualized import V
 from torch.testing import FileCheck
 
 
@@ -564,6 +565,63 @@ class P2PBuffersCodegenTest(unittest.TestCase):
         (p2p,) = comm_layout_names(lowered)
         assert lowered.code is not None
         self.assertIn(p2p, returned_names(lowered.code))
+
+
+def four_inputs(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor
+) -> torch.Tensor:
+    return a + b + c + d
+
+
+def _recorder(calls: list[Any]) -> Any:
+    "a stand-in for FallbackKernel.create that records the op's arguments"
+    return lambda kernel, *args, **kwargs: calls.append(args)
+
+
+class UnreachedLoweringsTest(unittest.TestCase):
+    """The lowerings of symm_mem ops that torch.compile cannot reach (no
+    Meta kernel at the pin) keep the pin's code: they hand the op its
+    inputs as they are, and build no copy that nothing would read."""
+
+    def test_inputs_reach_the_op_as_they_are(self) -> None:
+        from torch._inductor.lowering import lowerings
+
+        lowered = lower(four_inputs, [((64, 32), BF16)] * 4, codegen=False)
+        graph = lowered.graph
+        x, out, s1, s2 = (graph.graph_inputs[n] for n in graph.graph_input_names)
+        cases = {
+            "one_shot_all_reduce_out": (x, "sum", GROUP, out),
+            "two_shot_all_reduce_": (x, "sum", GROUP),
+            "two_shot_all_reduce_out": (x, "sum", GROUP, out),
+            "multimem_all_reduce_": (x, "sum", GROUP),
+            "multimem_one_shot_all_reduce": (x, "sum", GROUP),
+            "multimem_one_shot_all_reduce_out": (x, "sum", GROUP, out),
+            "multimem_one_shot_reduce_out": (x, "sum", 0, GROUP, out),
+            "multimem_all_gather_out": (x, GROUP, out),
+            "reduce_scatter_out": (x, GROUP, False, out),
+            "all_to_all_vdev": (x, out, s1, s2, GROUP),
+            "all_to_all_vdev_2d": (x, out, s1, s2, GROUP),
+            "all_to_all_vdev_2d_offset": (x, out, s1, s2, GROUP),
+            "tile_reduce": (x, out, 0, GROUP),
+            "multi_root_tile_reduce": ([x], out, [0], GROUP),
+        }
+        for name, args in cases.items():
+            with self.subTest(op=name):
+                lowering = lowerings[getattr(symm_mem, name).default]
+                handed: list[Any] = []
+                before = len(graph.buffers)
+                with (
+                    V.set_graph_handler(graph),
+                    mock.patch.object(
+                        ir.FallbackKernel,
+                        "create",
+                        _recorder(handed),
+                    ),
+                ):
+                    lowering(*args)
+                self.assertEqual(len(graph.buffers), before)
+                (call,) = handed
+                self.assertIs(call[0], args[0])
 
 
 def norm_all_reduce_scale(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
