@@ -19,6 +19,15 @@
 #                so.  This needs the pinned torch for --python (otherwise:
 #                cannot run here).
 #
+# Then (unless --no-probe) the probe library of test/distributed/cxx/
+# test_peer_alloc_info.py's patched-class tests is built from the same tree
+# (test/distributed/cxx/patched_probe_build.py: the patched constructor,
+# destructor and RetiredPeerPtrTables of CUDAPeerAllocInfo, renamed
+# PatchedCUDAPeerAllocInfo, compiled, linked against the installed torch and
+# loaded), so a change to the series that breaks that GPU test shows here.
+# --make-tree DIR only makes the default patched tree at DIR (no nvcc
+# needed); that test gets its sources this way.
+#
 # Flags mirror PyTorch's build of this file: -std=c++17 (the pinned build's
 # C++ standard), PyTorch's CUDA flags, -DPYTORCH_C10_DRIVER_API_SUPPORTED=1
 # (set for this file by caffe2/CMakeLists.txt), -D_GLIBCXX_USE_CXX11_ABI from
@@ -27,8 +36,9 @@
 # from build/cxx/deps/ (see --help), added with -idirafter so the toolkit's
 # own headers always win.
 #
-# Exit status: 0 compiled; 1 compile error; 2 usage error or a patch does not
-# apply; 3 cannot run here (no nvcc, no torch, a needed header missing).
+# Exit status: 0 compiled (and the probe built); 1 compile error (the .cu or
+# the probe); 2 usage error or a patch does not apply; 3 cannot run here (no
+# nvcc, no torch, a needed header missing).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +52,9 @@ PY=""
 TREE=""
 ARCH="sm_90"
 KEEP=0
+PROBE=1
+MAKE_TREE=""
+PROBE_PY="$ROOT/test/distributed/cxx/patched_probe_build.py"
 EXTRA_INC=()
 
 usage() {
@@ -49,7 +62,9 @@ usage() {
 Usage: scripts/cxx_check.sh [options]
 
 Compile torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory.cu with nvcc
-against the installed torch's headers (nothing is linked or run).
+against the installed torch's headers (object thrown away), then build and
+load (nothing runs on a GPU) the probe library of the patched
+CUDAPeerAllocInfo that test/distributed/cxx/test_peer_alloc_info.py uses.
 
 Options:
   --python PY         Python whose torch provides the headers; without
@@ -63,6 +78,12 @@ Options:
   --include-dir DIR   extra directory to search for missing third-party
                       headers (nvml.h, cusparse.h, ...); may be repeated
   --keep              keep the temporary directory (printed at the end)
+  --no-probe          do not build the probe library of the patched
+                      CUDAPeerAllocInfo (test/distributed/cxx/
+                      patched_probe_build.py) after the compile
+  --make-tree DIR     only make the default patched tree (stack.py base +
+                      import, as above) at DIR, a path that does not exist
+                      yet, and exit; needs no nvcc
   -h, --help          show this help
 
 Missing headers: nvcc's toolkit may lack nvml.h (needed by
@@ -70,8 +91,9 @@ c10/cuda/driver_api.h).  NVIDIA's header wheel provides it, e.g.
   python -m pip install --no-deps --target build/cxx/deps/nvml 'nvidia-nvml-dev==13.0.*'
 Directories build/cxx/deps/*/nvidia/*/include are searched automatically.
 
-Exit status: 0 compiled, 1 compile error, 2 usage error / patch does not
-apply, 3 cannot run here (reason printed on one line).
+Exit status: 0 compiled (and the probe built), 1 compile error (the .cu or
+the probe), 2 usage error / patch does not apply, 3 cannot run here (reason
+printed on one line).
 EOF
 }
 
@@ -112,6 +134,15 @@ while [[ $# -gt 0 ]]; do
       KEEP=1
       shift
       ;;
+    --no-probe)
+      PROBE=0
+      shift
+      ;;
+    --make-tree)
+      [[ $# -ge 2 ]] || die_usage "--make-tree needs an argument"
+      MAKE_TREE="$2"
+      shift 2
+      ;;
     -h | --help)
       usage
       exit 0
@@ -133,6 +164,32 @@ if [[ -z "$PY" ]]; then
   fi
 fi
 command -v "$PY" >/dev/null 2>&1 || cannot_run "Python '$PY' not found"
+
+# make_patched_tree DIR: the pin as a git repo (`stack.py base`: the wheel's
+# headers under torch/csrc plus vendor/pytorch's .cu) with the whole series
+# applied by git am (`stack.py import`).  Needs the pinned torch for $PY.
+make_patched_tree() {
+  local tree="$1" rc=0
+  [[ -f "$VENDOR_CU" ]] || die_usage "vendored source missing: $VENDOR_CU"
+  "$PY" "$ROOT/scripts/stack.py" check-torch --python "$PY" >/dev/null ||
+    cannot_run "the default tree is made from the pinned torch; $PY's torch is not it"
+  "$PY" "$ROOT/scripts/stack.py" base --python "$PY" --out "$tree" >/dev/null || rc=$?
+  ((rc == 3)) && cannot_run "stack.py base: a tool it needs is missing (see above)"
+  ((rc == 0)) || die_usage "stack.py base failed (exit $rc)"
+  "$PY" "$ROOT/scripts/stack.py" import --base-dir "$tree" --series-dir "$ROOT/patches" || rc=$?
+  ((rc == 3)) && cannot_run "stack.py import: a tool it needs is missing (see above)"
+  ((rc == 0)) || die_usage "the series does not apply (stack.py import, exit $rc)"
+  return 0
+}
+
+if [[ -n "$MAKE_TREE" ]]; then
+  [[ -z "$TREE" ]] || die_usage "--make-tree and --tree exclude each other"
+  [[ -e "$MAKE_TREE" || -L "$MAKE_TREE" ]] &&
+    die_usage "--make-tree $MAKE_TREE exists; needs a path that does not"
+  make_patched_tree "$MAKE_TREE"
+  echo "cxx_check: patched tree at $MAKE_TREE"
+  exit 0
+fi
 
 NVCC=""
 if command -v nvcc >/dev/null 2>&1; then
@@ -201,6 +258,7 @@ cleanup() {
 trap cleanup EXIT
 
 # ---- sources ------------------------------------------------------------
+UNPATCHED=0
 if [[ -n "$TREE" ]]; then
   [[ -d "$TREE" ]] || die_usage "--tree $TREE: not a directory"
   TREE="$(cd "$TREE" && pwd)"
@@ -211,22 +269,14 @@ if [[ -n "$TREE" ]]; then
     echo "cxx_check: sources from --tree $TREE (no $HPP_REL there: the wheel's header is used)"
   fi
 else
-  [[ -f "$VENDOR_CU" ]] || die_usage "vendored source missing: $VENDOR_CU"
   # The patched tree is the repository's own: the pin as a git repo (wheel
   # headers under torch/csrc plus vendor/) with the series applied by git am.
   TREE="$WORK/base"
-  "$PY" "$ROOT/scripts/stack.py" check-torch --python "$PY" >/dev/null ||
-    cannot_run "the default tree is made from the pinned torch; $PY's torch is not it"
-  rc=0
-  "$PY" "$ROOT/scripts/stack.py" base --python "$PY" --out "$TREE" >/dev/null || rc=$?
-  ((rc == 3)) && cannot_run "stack.py base: a tool it needs is missing (see above)"
-  ((rc == 0)) || die_usage "stack.py base failed (exit $rc)"
-  "$PY" "$ROOT/scripts/stack.py" import --base-dir "$TREE" --series-dir "$ROOT/patches" || rc=$?
-  ((rc == 3)) && cannot_run "stack.py import: a tool it needs is missing (see above)"
-  ((rc == 0)) || die_usage "the series does not apply (stack.py import, exit $rc)"
+  make_patched_tree "$TREE"
   if git -C "$TREE" diff --quiet pin-base HEAD -- "$CU_REL" "$HPP_REL"; then
     echo "cxx_check: NOTE: no patch in patches/series changes $CU_REL or $HPP_REL;" \
       "compiling the UNPATCHED sources"
+    UNPATCHED=1
   else
     echo "cxx_check: compiling $CU_REL with the series' C++ hunks applied"
   fi
@@ -302,3 +352,34 @@ if [[ -f "$TREE/$HPP_REL" && "$used_hpp" != "$TREE/$HPP_REL" ]]; then
   exit 1
 fi
 echo "cxx_check: OK: compiled in ${elapsed}s ($(wc -c <"$OBJ") byte object, arch $ARCH)"
+
+# ---- the probe of the patched CUDAPeerAllocInfo ---------------------------
+if ((PROBE == 0)); then
+  echo "cxx_check: probe of the patched CUDAPeerAllocInfo not built (--no-probe)"
+  exit 0
+fi
+if ((UNPATCHED)); then
+  echo "cxx_check: probe of the patched CUDAPeerAllocInfo not built: the sources are unpatched"
+  exit 0
+fi
+PROBE_ARGS=(--tree "$TREE" --out-dir "$WORK/probe" --nvcc "$NVCC" --arch "$ARCH" --load)
+for d in "${AFTER_DIRS[@]+"${AFTER_DIRS[@]}"}"; do
+  PROBE_ARGS+=(--idirafter "$d")
+done
+echo "cxx_check: building the probe of the patched CUDAPeerAllocInfo:"
+printf '%q ' "$PY" "$PROBE_PY" "${PROBE_ARGS[@]}"
+echo
+start_ns="$(date +%s%N)"
+rc=0
+"$PY" "$PROBE_PY" "${PROBE_ARGS[@]}" || rc=$?
+end_ns="$(date +%s%N)"
+elapsed="$(awk -v a="$start_ns" -v b="$end_ns" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')"
+if ((rc == 3)); then
+  echo "cxx_check: probe of the patched CUDAPeerAllocInfo not built: these sources lack patch 5's class (above)"
+  exit 0
+fi
+if ((rc != 0)); then
+  echo "cxx_check: FAILED: the probe of the patched CUDAPeerAllocInfo (exit $rc after ${elapsed}s, above)" >&2
+  exit 1
+fi
+echo "cxx_check: OK: probe of the patched CUDAPeerAllocInfo built and loaded in ${elapsed}s"

@@ -5,8 +5,11 @@
 //     pin's way) and plain cudaMalloc (the fix's way);
 //   * the CUDAPeerAllocInfo class of the INSTALLED libtorch_cuda, constructed
 //     directly (no process group, no rendezvous): its constructor allocates
-//     and uploads the device pointer tables, its destructor (after the fix)
-//     frees them.
+//     and uploads the device pointer tables; after the fix, its destructor
+//     hands them over and the next construction frees them;
+//   * helpers the tests of the PATCHED class use too (its own library,
+//     patched_peer_alloc_info_probe.cu): the device of a pointer, the
+//     contents of a table, the capture status of a stream.
 // Every function returns 0 on success and -1 on error; probe_last_error()
 // then describes the error.
 
@@ -97,6 +100,19 @@ int probe_pointer_device(void* ptr, int* device) {
     return 0;
   }
   *device = attr.type == cudaMemoryTypeDevice ? attr.device : -1;
+  return 0;
+}
+
+// The capture status of `stream` (a cudaStream_t): 0 none, 1 active,
+// 2 invalidated (cudaStreamCaptureStatus).
+int probe_stream_capture_status(void* stream, int* status) {
+  cudaStreamCaptureStatus s = cudaStreamCaptureStatusNone;
+  cudaError_t err =
+      cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &s);
+  if (err != cudaSuccess) {
+    return fail_cuda("cudaStreamIsCapturing", err);
+  }
+  *status = static_cast<int>(s);
   return 0;
 }
 

@@ -25,11 +25,28 @@ What runs here, on one GPU, without a process group:
   ``CUDASymmetricMemory.hpp`` (the fix declares ``~CUDAPeerAllocInfo``): on the
   stock 2.11.0 wheel the pool test is an expected failure (it demonstrates the
   bug); after a source build with patch 5 it must pass.
+* ``PatchedPeerAllocInfoTest``: the PATCHED class itself, on the released
+  wheel.  The series' CUDASymmetricMemory.{cu,hpp} come from the tree that
+  ``scripts/cxx_check.sh --make-tree`` makes (``stack.py base`` + ``import``,
+  as its compile check does; ``SYMM_STACK_CXX_TREE=DIR`` names another tree
+  holding them); ``patched_probe_build.py`` compiles the patch's constructor,
+  destructor and ``RetiredPeerPtrTables`` into a library of their own, the
+  class renamed ``PatchedCUDAPeerAllocInfo`` so it cannot clash with
+  libtorch's.  Checked: under pool routing its tables stay out of the pool and
+  hold the right pointers; the destructor retires them (still allocated, in
+  the retired list) without changing the current device, and the next
+  construction frees them; destroying it during a CUDA graph capture on a
+  side stream leaves the capture valid.  These pass on any torch with the
+  pinned wheel's headers; where the tree cannot be made (a torch other than
+  the pin, no git, no ``unidiff`` for ``stack.py import``), they skip and say
+  why.
 
-The probe is C++ (``peer_alloc_info_probe.cpp``), compiled with nvcc into a
-shared library against the installed torch and loaded with ctypes, so neither
+The probes are C++ (``peer_alloc_info_probe.cpp``,
+``patched_peer_alloc_info_probe.cu``), compiled with nvcc into shared
+libraries against the installed torch and loaded with ctypes, so neither
 ninja nor pybind11 is needed.  Compile errors are test errors; a missing CUDA
-device or nvcc is a skip.
+device or nvcc is a skip.  ``scripts/cxx_check.sh`` builds the patched probe
+too (without a GPU), so a series change that breaks it shows there.
 
 Run (any machine with a CUDA GPU and nvcc):
     python -m pytest -v test/distributed/cxx/test_peer_alloc_info.py
@@ -39,20 +56,29 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import subprocess
+import sys
 import tempfile
 import unittest
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import patched_probe_build  # noqa: E402
+from patched_probe_build import find_nvcc  # noqa: E402
+
+
 _T = TypeVar("_T")
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+CXX_CHECK = REPO / "scripts" / "cxx_check.sh"
 PROBE_SRC = HERE / "peer_alloc_info_probe.cpp"
 HPP_REL = "torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory.hpp"
 TORCH_DIR = Path(torch.__file__).resolve().parent
@@ -71,16 +97,6 @@ HAS_FIX = installed_torch_has_fix()
 def expected_failure_unless_fixed(test: _T) -> _T:
     """Mark a test of fixed behaviour as an expected failure on an unfixed torch."""
     return test if HAS_FIX else unittest.expectedFailure(test)
-
-
-def find_nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if root and (Path(root) / "bin" / "nvcc").is_file():
-            return str(Path(root) / "bin" / "nvcc")
-    return None
 
 
 _PROBE: ctypes.CDLL | None = None
@@ -146,6 +162,7 @@ def probe() -> ctypes.CDLL:
         "probe_cuda_free": [vp],
         "probe_pointer_device": [vp, ctypes.POINTER(ctypes.c_int)],
         "probe_read_table": [vp, ctypes.c_int, pu64],
+        "probe_stream_capture_status": [vp, ctypes.POINTER(ctypes.c_int)],
         "probe_make_peer_alloc_info": [
             ctypes.c_int,
             ctypes.c_int,
@@ -174,6 +191,101 @@ def call(name: str, *args: Any) -> None:
         raise RuntimeError(f"{name}: {dll.probe_last_error().decode()}")
 
 
+# The patched class's probe: built once per process, or skipped / failed once.
+_PATCHED: ctypes.CDLL | None = None
+_PATCHED_DIR: tempfile.TemporaryDirectory[str] | None = None
+_PATCHED_UNAVAILABLE: tuple[type[Exception], str] | None = None
+
+
+def patched_tree(work: Path) -> Path:
+    """A tree holding the series' patched CUDASymmetricMemory.{cu,hpp}:
+    $SYMM_STACK_CXX_TREE, or one made by ``cxx_check.sh --make-tree`` (the
+    pin as a git repo with the whole series applied, as its compile check
+    makes it)."""
+    named = os.environ.get("SYMM_STACK_CXX_TREE")
+    if named:
+        return Path(named)
+    tree = work / "tree"
+    cmd = ["bash", str(CXX_CHECK), "--python", sys.executable, "--make-tree", str(tree)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    output = res.stdout + res.stderr
+    if res.returncode == 3:  # cannot run here, and why (stack.py's error too)
+        lines = output.strip().splitlines()
+        why = [ln for ln in lines if "error:" in ln or "CANNOT RUN HERE" in ln]
+        raise unittest.SkipTest(
+            "no patched tree here: " + " / ".join(why or lines[-1:])
+        )
+    if res.returncode != 0:
+        raise RuntimeError(
+            f"making the patched tree failed (exit {res.returncode}):\n"
+            + " ".join(cmd)
+            + "\n"
+            + output
+        )
+    return tree
+
+
+def _build_patched_probe() -> ctypes.CDLL:
+    global _PATCHED_DIR
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise unittest.SkipTest("nvcc not found (PATH, $CUDA_HOME, /usr/local/cuda)")
+    _PATCHED_DIR = tempfile.TemporaryDirectory(prefix="patched_peer_alloc_info.")
+    work = Path(_PATCHED_DIR.name)
+    tree = patched_tree(work)
+    try:
+        lib = patched_probe_build.build(tree, work / "probe", nvcc=nvcc)
+    except patched_probe_build.ProbeBuildError as err:
+        raise RuntimeError(f"building the patched probe failed: {err}") from None
+    dll = ctypes.CDLL(str(lib))
+    pi = ctypes.POINTER(ctypes.c_int)
+    pvp = ctypes.POINTER(ctypes.c_void_p)
+    pu64 = ctypes.POINTER(ctypes.c_uint64)
+    sigs: dict[str, list[Any]] = {
+        "patched_make": [
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_int64),
+            pvp,
+            pvp,
+            pu64,
+            pu64,
+            pu64,
+        ],
+        "patched_release": [ctypes.c_int64, pi, pi],
+        "patched_retired": [ctypes.c_int, pi, pvp, pi],
+    }
+    for name, argtypes in sigs.items():
+        fn = getattr(dll, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    dll.patched_last_error.argtypes = []
+    dll.patched_last_error.restype = ctypes.c_char_p
+    return dll
+
+
+def patched_probe() -> ctypes.CDLL:
+    """Build (once per process) and load the patched class's probe library."""
+    global _PATCHED, _PATCHED_UNAVAILABLE
+    if _PATCHED is not None:
+        return _PATCHED
+    if _PATCHED_UNAVAILABLE is not None:
+        kind, message = _PATCHED_UNAVAILABLE
+        raise kind(message)
+    try:
+        _PATCHED = _build_patched_probe()
+    except (unittest.SkipTest, RuntimeError) as err:
+        _PATCHED_UNAVAILABLE = (type(err), str(err))
+        raise
+    return _PATCHED
+
+
+def patched_call(name: str, *args: Any) -> None:
+    dll = patched_probe()
+    if getattr(dll, name)(*args) != 0:
+        raise RuntimeError(f"{name}: {dll.patched_last_error().decode()}")
+
+
 def active_block_holding(segments: list[dict[str, Any]], ptr: int) -> bool:
     """True if ``ptr`` lies in an allocated block of one of ``segments``."""
     for seg in segments:
@@ -195,6 +307,27 @@ def pointer_device(ptr: int) -> int:
     device = ctypes.c_int(-1)
     call("probe_pointer_device", ctypes.c_void_p(ptr), ctypes.byref(device))
     return device.value
+
+
+def read_table(table: int, count: int) -> list[int]:
+    """The ``count`` pointers held by the device table at ``table``."""
+    out = (ctypes.c_uint64 * count)()
+    call("probe_read_table", ctypes.c_void_p(table), count, out)
+    return list(out)
+
+
+CAPTURE_NONE, CAPTURE_ACTIVE, CAPTURE_INVALIDATED = 0, 1, 2
+
+
+def capture_status(stream: torch.cuda.Stream) -> int:
+    """``cudaStreamIsCapturing`` of ``stream``: CAPTURE_NONE/ACTIVE/INVALIDATED."""
+    status = ctypes.c_int(-1)
+    call(
+        "probe_stream_capture_status",
+        ctypes.c_void_p(stream.cuda_stream),
+        ctypes.byref(status),
+    )
+    return status.value
 
 
 def probe_alloc(entry: str) -> Callable[[], int]:
@@ -275,9 +408,7 @@ class InstalledPeerAllocInfoTest(unittest.TestCase):
         return handle.value, bdev.value, sdev.value, expect_b, expect_s
 
     def read_table(self, table: int, count: int = 2) -> list[int]:
-        out = (ctypes.c_uint64 * count)()
-        call("probe_read_table", ctypes.c_void_p(table), count, out)
-        return list(out)
+        return read_table(table, count)
 
     def release(self, handle: int) -> None:
         call("probe_release_peer_alloc_info", handle)
@@ -353,6 +484,269 @@ class InstalledPeerAllocInfoTest(unittest.TestCase):
         # The destructor (fix) makes no CUDA call; freeing later switches to
         # device 1 and back.
         self.assertEqual(torch.cuda.current_device(), 0)
+
+
+@dataclass(frozen=True)
+class Made:
+    """A live patched CUDAPeerAllocInfo, by its probe handle."""
+
+    handle: int
+    device: int
+    world_size: int
+    buffers_dev: int  # the device table of buffer pointers
+    signal_pads_dev: int  # the device table of signal-pad pointers
+    buffers_base: int  # the made-up peer pointers: base + stride * rank
+    signal_pads_base: int
+    stride: int
+
+    @property
+    def buffers(self) -> list[int]:
+        """What ``buffers_dev`` must hold."""
+        return [self.buffers_base + self.stride * r for r in range(self.world_size)]
+
+    @property
+    def signal_pads(self) -> list[int]:
+        """What ``signal_pads_dev`` must hold."""
+        base = self.signal_pads_base
+        return [base + self.stride * r for r in range(self.world_size)]
+
+    @property
+    def tables(self) -> list[tuple[int, int]]:
+        """(device, table) of both tables, as RetiredPeerPtrTables lists them."""
+        return [(self.device, self.buffers_dev), (self.device, self.signal_pads_dev)]
+
+
+@unittest.skipUnless(torch.cuda.is_available(), "needs a CUDA device")
+class PatchedPeerAllocInfoTest(unittest.TestCase):
+    """Patch 5's own CUDAPeerAllocInfo, compiled from the series (see the
+    module docstring) and constructed directly, on the released wheel.
+
+    Each object is made with an EMPTY ``alloc_refs`` vector and made-up peer
+    pointers: the constructor and destructor under test only move
+    ``alloc_refs`` in and drop it, and only copy the peer pointer values into
+    the device tables (nothing dereferences them).  A real AllocationRef would
+    need a symmetric allocation (cuMemCreate and a mapping, which its
+    destructor unmaps) and a rendezvous; neither touches the tables.
+    """
+
+    def setUp(self) -> None:
+        # Both libraries are built and loaded here, before any test's CUDA
+        # work (the helpers read_table, pointer_device and capture_status are
+        # the stock probe's): skips and build errors show up here.
+        probe()
+        patched_probe()
+
+    def make(self, device: int, world_size: int = 2) -> Made:
+        handle = ctypes.c_int64()
+        bdev = ctypes.c_void_p()
+        sdev = ctypes.c_void_p()
+        bbase = ctypes.c_uint64()
+        sbase = ctypes.c_uint64()
+        stride = ctypes.c_uint64()
+        patched_call(
+            "patched_make",
+            device,
+            world_size,
+            ctypes.byref(handle),
+            ctypes.byref(bdev),
+            ctypes.byref(sdev),
+            ctypes.byref(bbase),
+            ctypes.byref(sbase),
+            ctypes.byref(stride),
+        )
+        assert bdev.value is not None and sdev.value is not None
+        return Made(
+            handle.value,
+            device,
+            world_size,
+            bdev.value,
+            sdev.value,
+            bbase.value,
+            sbase.value,
+            stride.value,
+        )
+
+    def release(self, made: Made) -> tuple[int, int]:
+        """Destroys ``made``; returns the current device before and after."""
+        before = ctypes.c_int(-1)
+        after = ctypes.c_int(-1)
+        patched_call(
+            "patched_release", made.handle, ctypes.byref(before), ctypes.byref(after)
+        )
+        return before.value, after.value
+
+    def retired(self) -> list[tuple[int, int]]:
+        """RetiredPeerPtrTables' list: (device, table) retired, not yet freed."""
+        count = ctypes.c_int(0)
+        patched_call("patched_retired", 0, None, None, ctypes.byref(count))
+        devices = (ctypes.c_int * count.value)()
+        tables = (ctypes.c_void_p * count.value)()
+        patched_call(
+            "patched_retired", count.value, devices, tables, ctypes.byref(count)
+        )
+        return [(d, t or 0) for d, t in zip(devices, tables, strict=True)]
+
+    def assert_holds(self, made: Made) -> None:
+        n = made.world_size
+        self.assertEqual(read_table(made.buffers_dev, n), made.buffers)
+        self.assertEqual(read_table(made.signal_pads_dev, n), made.signal_pads)
+
+    def assert_allocated(self, made: Made) -> None:
+        """Both tables are live cudaMalloc allocations on ``made.device``."""
+        for table in (made.buffers_dev, made.signal_pads_dev):
+            self.assertEqual(pointer_device(table), made.device, hex(table))
+
+    def assert_freed(self, made: Made, *live: Made) -> None:
+        """Both tables of ``made`` were freed.  The CUDA driver may hand the
+        same address to a later allocation (``live``'s tables): two live
+        allocations never share a base address, so such a table was freed
+        first."""
+        reused = {t for other in live for _, t in other.tables}
+        for table in (made.buffers_dev, made.signal_pads_dev):
+            if table not in reused:
+                self.assertEqual(pointer_device(table), -1, f"{hex(table)} not freed")
+
+    def test_tables_stay_out_of_active_pool(self) -> None:
+        device = torch.cuda.current_device()
+        before = torch.cuda.memory_allocated()
+        made, pool = with_pool(lambda: self.make(device, world_size=8))
+        try:
+            segments = pool.snapshot()
+            for table in (made.buffers_dev, made.signal_pads_dev):
+                self.assertFalse(active_block_holding(segments, table), hex(table))
+                self.assertFalse(
+                    in_any_segment(torch.cuda.memory_snapshot(), table), hex(table)
+                )
+            self.assertEqual(torch.cuda.memory_allocated(), before)
+            self.assert_allocated(made)
+            self.assert_holds(made)
+        finally:
+            self.release(made)
+
+    def test_destructor_retires_next_construction_frees(self) -> None:
+        device = torch.cuda.current_device()
+        first = self.make(device)
+        self.assertNotIn(first.tables[0], self.retired())
+        current = self.release(first)
+        self.assertEqual(current, (device, device), "the destructor changed device")
+        self.assertEqual(torch.cuda.current_device(), device)
+        # Retired, not freed: listed, still allocated, contents intact.
+        retired = self.retired()
+        for entry in first.tables:
+            self.assertIn(entry, retired)
+        self.assert_allocated(first)
+        self.assert_holds(first)
+        # The next construction frees every retired table.
+        second = self.make(device)
+        try:
+            self.assertEqual(self.retired(), [])
+            self.assert_freed(first, second)
+            self.assert_allocated(second)
+            self.assert_holds(second)
+            self.assertEqual(torch.cuda.current_device(), device)
+        finally:
+            self.release(second)
+
+    def test_retired_memory_returns_at_next_construction(self) -> None:
+        # Large tables (two of 32 MiB per object), so device free memory shows
+        # where they are freed: not by the destructor, but by the next
+        # construction.  Slack covers the driver's page granularity.
+        device = torch.cuda.current_device()
+        world_size, mib, slack = 4 << 20, 1 << 20, 8 << 20
+        tables = 2 * world_size * ctypes.sizeof(ctypes.c_void_p)  # 64 MiB
+
+        def free() -> int:
+            torch.cuda.synchronize()
+            return torch.cuda.mem_get_info()[0]
+
+        base = self.make(device, world_size=1)  # frees what earlier tests retired
+        self.release(base)
+        free0 = free()
+        first = self.make(device, world_size=world_size)
+        free1 = free()
+        self.assertGreaterEqual(free0 - free1, tables - slack)
+        self.release(first)
+        self.assertLess(abs(free() - free1), slack, "the destructor freed memory")
+        second = self.make(device, world_size=world_size)
+        free2 = free()
+        self.assertLess(
+            abs(free2 - free1),
+            slack,
+            f"{(free1 - free2) / mib:.0f} MiB more in use after the next "
+            "construction: the retired tables were not freed",
+        )
+        self.release(second)
+        last = self.make(device, world_size=1)
+        self.release(last)
+        self.assertLess(abs(free() - free0), slack)
+
+    def test_no_leak_over_many_objects(self) -> None:
+        # As InstalledPeerAllocInfoTest's: 500 objects of 1024 peers, ~8 MiB
+        # in all if nothing were freed.
+        device = torch.cuda.current_device()
+        torch.cuda.synchronize()
+        allocated_before = torch.cuda.memory_allocated()
+        free_before, _ = torch.cuda.mem_get_info()
+        for _ in range(500):
+            self.release(self.make(device, world_size=1024))
+        self.release(self.make(device, world_size=1))  # frees the last ones
+        torch.cuda.synchronize()
+        free_after, _ = torch.cuda.mem_get_info()
+        self.assertEqual(torch.cuda.memory_allocated(), allocated_before)
+        self.assertLess(free_before - free_after, 4 << 20, "device memory leaked")
+
+    def test_destroy_during_graph_capture_on_side_stream(self) -> None:
+        # The last reference to a symmetric allocation can drop while a stream
+        # captures a CUDA graph.  In the strictest capture mode ("global") a
+        # cudaFree (or any call unsafe during capture) from any thread would
+        # invalidate the capture; the patched destructor makes no CUDA call.
+        device = torch.cuda.current_device()
+        made = self.make(device)
+        x = torch.zeros(16, device=device)
+        side = torch.cuda.Stream(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="global"):
+            x.add_(1)
+            self.assertEqual(capture_status(side), CAPTURE_ACTIVE)
+            current = self.release(made)
+            status_after = capture_status(side)
+            x.add_(1)
+        # Reaching here, capture_end succeeded; the capture was valid all along.
+        self.assertEqual(status_after, CAPTURE_ACTIVE, "the destructor broke it")
+        self.assertEqual(current, (device, device))
+        self.assertEqual(capture_status(side), CAPTURE_NONE)
+        graph.replay()
+        torch.cuda.synchronize()
+        self.assertTrue(torch.equal(x, torch.full_like(x, 2)), x)
+        retired = self.retired()
+        for entry in made.tables:
+            self.assertIn(entry, retired)
+        self.assert_allocated(made)
+        # Freed at the next construction, after the capture.
+        after = self.make(device)
+        try:
+            self.assertEqual(self.retired(), [])
+            self.assert_freed(made, after)
+        finally:
+            self.release(after)
+        graph.reset()
+
+    @unittest.skipUnless(torch.cuda.device_count() >= 2, "needs 2 CUDA devices")
+    def test_other_device_keeps_current_device(self) -> None:
+        torch.cuda.set_device(0)
+        made = self.make(1)
+        self.assertEqual(torch.cuda.current_device(), 0)
+        self.assert_allocated(made)  # on device 1: the constructor's guard
+        self.assert_holds(made)
+        self.assertEqual(self.release(made), (0, 0))
+        self.assertIn((1, made.buffers_dev), self.retired())
+        # Freeing them switches to device 1 and back.
+        after = self.make(0)
+        try:
+            self.assertEqual(torch.cuda.current_device(), 0)
+            self.assert_freed(made)
+        finally:
+            self.release(after)
 
 
 if __name__ == "__main__":
