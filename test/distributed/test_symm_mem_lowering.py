@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -577,6 +578,12 @@ print("replays after a larger eager call: OK")
 """
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class UserCaptureTest(SymmMemTestCase):
     """A default-mode module under the caller's own torch.cuda.graph (the
     vLLM pattern): capture at a small size, call eagerly at a larger one,
@@ -589,7 +596,7 @@ class UserCaptureTest(SymmMemTestCase):
         env = {
             **os.environ,
             "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(29700 + dist.get_rank()),
+            "MASTER_PORT": str(free_port()),
             "CUDA_VISIBLE_DEVICES": str(torch.cuda.current_device()),
             "PYTHONPATH": os.pathsep.join(sys.path),
         }
