@@ -14,6 +14,8 @@
 
 #include "patched_peer_alloc_info_defs.inc"
 
+#include "fake_peer_pointers.h"
+
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -101,19 +103,11 @@ int patched_make(
     uint64_t* signal_pads_base,
     uint64_t* stride) {
   try {
-    constexpr uint64_t kBuffersBase = 0x7e0000000000ULL;
-    constexpr uint64_t kSignalPadsBase = 0x7f0000000000ULL;
-    constexpr uint64_t kStride = 0x100000ULL;
-    std::vector<void*> buffers(static_cast<size_t>(world_size));
-    std::vector<void*> signal_pads(static_cast<size_t>(world_size));
-    for (int r = 0; r < world_size; ++r) {
-      buffers[r] = reinterpret_cast<void*>(kBuffersBase + kStride * r);
-      signal_pads[r] = reinterpret_cast<void*>(kSignalPadsBase + kStride * r);
-    }
+    FakePeerPointers peers(world_size);
     auto pai = c10::make_intrusive<Patched>(
         std::vector<c10::intrusive_ptr<sm::AllocationRef>>{},
-        std::move(buffers),
-        std::move(signal_pads),
+        std::move(peers.buffers),
+        std::move(peers.signal_pads),
         sm::HandleType{},
         /*mc_addr=*/nullptr,
         /*buffer_size=*/size_t{1} << 20,
@@ -122,9 +116,7 @@ int patched_make(
         world_size);
     *buffers_dev = (*pai).*get(BuffersDev{});
     *signal_pads_dev = (*pai).*get(SignalPadsDev{});
-    *buffers_base = kBuffersBase;
-    *signal_pads_base = kSignalPadsBase;
-    *stride = kStride;
+    FakePeerPointers::report(buffers_base, signal_pads_base, stride);
     std::lock_guard<std::mutex> lock(g_mutex);
     *handle = g_next_handle++;
     g_live.emplace(*handle, std::move(pai));

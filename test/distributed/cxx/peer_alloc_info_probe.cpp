@@ -22,6 +22,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory.hpp>
 
+#include "fake_peer_pointers.h"
+
 #include <cstdint>
 #include <exception>
 #include <map>
@@ -147,19 +149,11 @@ int probe_make_peer_alloc_info(
     uint64_t* signal_pads_base,
     uint64_t* stride) {
   try {
-    constexpr uint64_t kBuffersBase = 0x7e0000000000ULL;
-    constexpr uint64_t kSignalPadsBase = 0x7f0000000000ULL;
-    constexpr uint64_t kStride = 0x100000ULL;
-    std::vector<void*> buffers(static_cast<size_t>(world_size));
-    std::vector<void*> signal_pads(static_cast<size_t>(world_size));
-    for (int r = 0; r < world_size; ++r) {
-      buffers[r] = reinterpret_cast<void*>(kBuffersBase + kStride * r);
-      signal_pads[r] = reinterpret_cast<void*>(kSignalPadsBase + kStride * r);
-    }
+    FakePeerPointers peers(world_size);
     auto pai = c10::make_intrusive<sm::CUDAPeerAllocInfo>(
         std::vector<c10::intrusive_ptr<sm::AllocationRef>>{},
-        std::move(buffers),
-        std::move(signal_pads),
+        std::move(peers.buffers),
+        std::move(peers.signal_pads),
         sm::HandleType{},
         /*mc_addr=*/nullptr,
         /*buffer_size=*/size_t{1} << 20,
@@ -169,9 +163,7 @@ int probe_make_peer_alloc_info(
     auto symm = c10::make_intrusive<sm::CUDASymmetricMemory>(pai, 0);
     *buffers_dev = symm->get_buffer_ptrs_dev();
     *signal_pads_dev = symm->get_signal_pad_ptrs_dev();
-    *buffers_base = kBuffersBase;
-    *signal_pads_base = kSignalPadsBase;
-    *stride = kStride;
+    FakePeerPointers::report(buffers_base, signal_pads_base, stride);
     std::lock_guard<std::mutex> lock(g_mutex);
     *handle = g_next_handle++;
     g_live.emplace(*handle, std::move(symm));

@@ -103,6 +103,21 @@ _PROBE: ctypes.CDLL | None = None
 _BUILD_DIR: tempfile.TemporaryDirectory[str] | None = None
 
 
+# The arguments of both probes' make functions (probe_make_peer_alloc_info,
+# patched_make): device, world size, then the handle, both device tables and
+# the made-up pointers' bases and stride, written back.
+MAKE_ARGTYPES: list[Any] = [
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.POINTER(ctypes.c_int64),
+    ctypes.POINTER(ctypes.c_void_p),
+    ctypes.POINTER(ctypes.c_void_p),
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint64),
+]
+
+
 def probe() -> ctypes.CDLL:
     """Build (once per process) and load the probe library."""
     global _PROBE, _BUILD_DIR
@@ -163,16 +178,7 @@ def probe() -> ctypes.CDLL:
         "probe_pointer_device": [vp, ctypes.POINTER(ctypes.c_int)],
         "probe_read_table": [vp, ctypes.c_int, pu64],
         "probe_stream_capture_status": [vp, ctypes.POINTER(ctypes.c_int)],
-        "probe_make_peer_alloc_info": [
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.POINTER(ctypes.c_int64),
-            pvp,
-            pvp,
-            pu64,
-            pu64,
-            pu64,
-        ],
+        "probe_make_peer_alloc_info": MAKE_ARGTYPES,
         "probe_release_peer_alloc_info": [ctypes.c_int64],
     }
     for name, argtypes in sigs.items():
@@ -240,18 +246,8 @@ def _build_patched_probe() -> ctypes.CDLL:
     dll = ctypes.CDLL(str(lib))
     pi = ctypes.POINTER(ctypes.c_int)
     pvp = ctypes.POINTER(ctypes.c_void_p)
-    pu64 = ctypes.POINTER(ctypes.c_uint64)
     sigs: dict[str, list[Any]] = {
-        "patched_make": [
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.POINTER(ctypes.c_int64),
-            pvp,
-            pvp,
-            pu64,
-            pu64,
-            pu64,
-        ],
+        "patched_make": MAKE_ARGTYPES,
         "patched_release": [ctypes.c_int64, pi, pi],
         "patched_retired": [ctypes.c_int, pi, pvp, pi],
     }
@@ -385,27 +381,16 @@ class InstalledPeerAllocInfoTest(unittest.TestCase):
         self, device: int, world_size: int = 2
     ) -> tuple[int, int, int, list[int], list[int]]:
         """Returns (handle, buffers table, signal pads table, their contents)."""
-        handle = ctypes.c_int64()
-        bdev = ctypes.c_void_p()
-        sdev = ctypes.c_void_p()
-        bbase = ctypes.c_uint64()
-        sbase = ctypes.c_uint64()
-        stride = ctypes.c_uint64()
-        call(
-            "probe_make_peer_alloc_info",
-            device,
-            world_size,
-            ctypes.byref(handle),
-            ctypes.byref(bdev),
-            ctypes.byref(sdev),
-            ctypes.byref(bbase),
-            ctypes.byref(sbase),
-            ctypes.byref(stride),
+        made = make_peer_alloc_info(
+            call, "probe_make_peer_alloc_info", device, world_size
         )
-        assert bdev.value is not None and sdev.value is not None
-        expect_b = [bbase.value + stride.value * r for r in range(world_size)]
-        expect_s = [sbase.value + stride.value * r for r in range(world_size)]
-        return handle.value, bdev.value, sdev.value, expect_b, expect_s
+        return (
+            made.handle,
+            made.buffers_dev,
+            made.signal_pads_dev,
+            made.buffers,
+            made.signal_pads,
+        )
 
     def read_table(self, table: int, count: int = 2) -> list[int]:
         return read_table(table, count)
@@ -488,7 +473,7 @@ class InstalledPeerAllocInfoTest(unittest.TestCase):
 
 @dataclass(frozen=True)
 class Made:
-    """A live patched CUDAPeerAllocInfo, by its probe handle."""
+    """A live CUDAPeerAllocInfo of a probe (stock or patched), by its handle."""
 
     handle: int
     device: int
@@ -516,6 +501,42 @@ class Made:
         return [(self.device, self.buffers_dev), (self.device, self.signal_pads_dev)]
 
 
+def make_peer_alloc_info(
+    call_fn: Callable[..., None], symbol: str, device: int, world_size: int
+) -> Made:
+    """Constructs a CUDAPeerAllocInfo through a probe's `symbol` (the stock
+    or the patched one), over the made-up peer pointers of
+    fake_peer_pointers.h."""
+    handle = ctypes.c_int64()
+    bdev = ctypes.c_void_p()
+    sdev = ctypes.c_void_p()
+    bbase = ctypes.c_uint64()
+    sbase = ctypes.c_uint64()
+    stride = ctypes.c_uint64()
+    call_fn(
+        symbol,
+        device,
+        world_size,
+        ctypes.byref(handle),
+        ctypes.byref(bdev),
+        ctypes.byref(sdev),
+        ctypes.byref(bbase),
+        ctypes.byref(sbase),
+        ctypes.byref(stride),
+    )
+    assert bdev.value is not None and sdev.value is not None
+    return Made(
+        handle.value,
+        device,
+        world_size,
+        bdev.value,
+        sdev.value,
+        bbase.value,
+        sbase.value,
+        stride.value,
+    )
+
+
 @unittest.skipUnless(torch.cuda.is_available(), "needs a CUDA device")
 class PatchedPeerAllocInfoTest(unittest.TestCase):
     """Patch 5's own CUDAPeerAllocInfo, compiled from the series (see the
@@ -537,34 +558,7 @@ class PatchedPeerAllocInfoTest(unittest.TestCase):
         patched_probe()
 
     def make(self, device: int, world_size: int = 2) -> Made:
-        handle = ctypes.c_int64()
-        bdev = ctypes.c_void_p()
-        sdev = ctypes.c_void_p()
-        bbase = ctypes.c_uint64()
-        sbase = ctypes.c_uint64()
-        stride = ctypes.c_uint64()
-        patched_call(
-            "patched_make",
-            device,
-            world_size,
-            ctypes.byref(handle),
-            ctypes.byref(bdev),
-            ctypes.byref(sdev),
-            ctypes.byref(bbase),
-            ctypes.byref(sbase),
-            ctypes.byref(stride),
-        )
-        assert bdev.value is not None and sdev.value is not None
-        return Made(
-            handle.value,
-            device,
-            world_size,
-            bdev.value,
-            sdev.value,
-            bbase.value,
-            sbase.value,
-            stride.value,
-        )
+        return make_peer_alloc_info(patched_call, "patched_make", device, world_size)
 
     def release(self, made: Made) -> tuple[int, int]:
         """Destroys ``made``; returns the current device before and after."""

@@ -1,0 +1,35 @@
+// Made-up peer pointers for the probes' CUDAPeerAllocInfo objects:
+// base + stride * rank, host-side values only (nothing dereferences them).
+// The probes report the bases and the stride back, so the caller can check
+// the device tables the constructor uploads.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+struct FakePeerPointers {
+  static constexpr uint64_t kBuffersBase = 0x7e0000000000ULL;
+  static constexpr uint64_t kSignalPadsBase = 0x7f0000000000ULL;
+  static constexpr uint64_t kStride = 0x100000ULL;
+
+  std::vector<void*> buffers;
+  std::vector<void*> signal_pads;
+
+  explicit FakePeerPointers(int world_size)
+      : buffers(static_cast<size_t>(world_size)),
+        signal_pads(static_cast<size_t>(world_size)) {
+    for (int r = 0; r < world_size; ++r) {
+      buffers[r] = reinterpret_cast<void*>(kBuffersBase + kStride * r);
+      signal_pads[r] = reinterpret_cast<void*>(kSignalPadsBase + kStride * r);
+    }
+  }
+
+  static void report(
+      uint64_t* buffers_base,
+      uint64_t* signal_pads_base,
+      uint64_t* stride) {
+    *buffers_base = kBuffersBase;
+    *signal_pads_base = kSignalPadsBase;
+    *stride = kStride;
+  }
+};
