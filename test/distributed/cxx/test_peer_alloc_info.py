@@ -118,6 +118,17 @@ MAKE_ARGTYPES: list[Any] = [
 ]
 
 
+def bind(dll: ctypes.CDLL, sigs: dict[str, list[Any]], last_error: str) -> None:
+    """Declare a probe's functions: each takes `sigs[name]` and returns 0 or
+    -1; `last_error` returns the message of the last -1."""
+    for name, argtypes in sigs.items():
+        fn = getattr(dll, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    getattr(dll, last_error).argtypes = []
+    getattr(dll, last_error).restype = ctypes.c_char_p
+
+
 def probe() -> ctypes.CDLL:
     """Build (once per process) and load the probe library."""
     global _PROBE, _BUILD_DIR
@@ -181,12 +192,7 @@ def probe() -> ctypes.CDLL:
         "probe_make_peer_alloc_info": MAKE_ARGTYPES,
         "probe_release_peer_alloc_info": [ctypes.c_int64],
     }
-    for name, argtypes in sigs.items():
-        fn = getattr(dll, name)
-        fn.argtypes = argtypes
-        fn.restype = ctypes.c_int
-    dll.probe_last_error.argtypes = []
-    dll.probe_last_error.restype = ctypes.c_char_p
+    bind(dll, sigs, "probe_last_error")
     _PROBE = dll
     return dll
 
@@ -251,12 +257,7 @@ def _build_patched_probe() -> ctypes.CDLL:
         "patched_release": [ctypes.c_int64, pi, pi],
         "patched_retired": [ctypes.c_int, pi, pvp, pi],
     }
-    for name, argtypes in sigs.items():
-        fn = getattr(dll, name)
-        fn.argtypes = argtypes
-        fn.restype = ctypes.c_int
-    dll.patched_last_error.argtypes = []
-    dll.patched_last_error.restype = ctypes.c_char_p
+    bind(dll, sigs, "patched_last_error")
     return dll
 
 
