@@ -4,6 +4,9 @@
         --label L5 --json /tmp/v3-L5.json [--rows fused,symm,hoist]
     python benchmarks/bench_v3.py --table /tmp/v3-L0.json /tmp/v3-L5.json
 
+Runs that share a label (a level run several times, in turns with the other)
+are also pooled by `--table`: the median excess per label.
+
 One process group (NCCL, from torchrun's environment) for all groups; rank 0
 prints the table.  Every timed set is built first (compiled, warmed up,
 checked against an eager reference), then its functions are timed in turns
@@ -558,6 +561,40 @@ def print_run(result: dict[str, Any]) -> None:
     print(f"\n(elapsed {result['elapsed_s']:.0f} s, per group: {result['group_s']})")
 
 
+def pooled(symm: list[str], by_label: dict[str, list[dict[str, Any]]]) -> None:
+    """Runs that share a label (one level run several times, in turns with the
+    other levels) pooled: the median of their excesses, the ratio and the
+    target judged on those medians (the first label the base)."""
+    import statistics
+
+    labels = list(by_label)
+    counts = ", ".join(f"{lb}: {len(rs)} runs" for lb, rs in by_label.items())
+    print(f"\nsymm pooled: median compiled-floor us over runs ({counts})")
+    print(f"{'':26s}" + "".join(f"{lb:>36s}" for lb in labels))
+    for n in symm:
+        medians: dict[str, float] = {}
+        for lb, rs in by_label.items():
+            excess = [
+                r["rows"][n]["excess_us"]
+                for r in rs
+                if "excess_us" in r["rows"].get(n, {})
+            ]
+            if excess:
+                medians[lb] = statistics.median(excess)
+        cells = []
+        for lb in labels:
+            if lb not in medians:
+                cells.append("-")
+            elif lb == labels[0] or labels[0] not in medians:
+                cells.append(f"{medians[lb]:.1f}")
+            else:
+                b, e = medians[labels[0]], medians[lb]
+                met = e <= b + (TARGET - 1) * abs(b)
+                vs = f"{e / b:.2f}x" if b > 0 else f"{e - b:+.1f} us"
+                cells.append(f"{e:.1f} ({vs} {'met' if met else 'MISSED'})")
+        print(f"{n[5:]:26s}" + "".join(f"{c:>36s}" for c in cells))
+
+
 def table(paths: list[str]) -> None:
     """Runs side by side, the first (level 0) the base of the ratios."""
     runs = [json.load(open(p)) for p in paths]
@@ -600,6 +637,11 @@ def table(paths: list[str]) -> None:
                     vs = f"{e / b:.2f}x" if b > 0 else f"{e - b:+.1f} us"
                     cells.append(f"{e:.1f} ({vs} {'met' if met else 'MISSED'})")
             print(f"{n[5:]:26s}" + "".join(f"{c:>{width}s}" for c in cells))
+        by_label = {
+            lb: [r for r in runs if r["label"] == lb] for lb in dict.fromkeys(labels)
+        }
+        if any(len(rs) > 1 for rs in by_label.values()):
+            pooled(symm, by_label)
     fused = of_group(names, "fused ")
     if fused:
         head("fused: fused/staged (us)")
