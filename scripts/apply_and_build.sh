@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job: put patches 1..N of the series on the pinned PyTorch and run
-# LoweringTest on it.  `scripts/apply_and_build.sh --help` explains the modes.
+# The main job: put patches 1..N of a base's series on that base's PyTorch and
+# run LoweringTest on it.  `scripts/apply_and_build.sh --help` explains the modes.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -12,9 +12,15 @@ usage() {
     cat <<'EOF'
 Usage: scripts/apply_and_build.sh [MODE] [options]
 
+One series per base: patches/<VERSION>/ holds a base's PIN, series and
+patches.  The base is --base VERSION, else $SYMM_STACK_BASE; without either,
+the base of the interpreter's torch with --no-venv (a torch no series
+supports is refused), else the newest base.
+
 Modes:
-  (default)        wheel mode: venv with the pinned wheel (PIN's TORCH_WHEEL),
-                   check it, overlay patches 1..N (stack.py overlay), time the
+  (default)        wheel mode: venv .venv/<VERSION> with the base's wheel (its
+                   PIN's TORCH_WHEEL), check it, overlay patches 1..N
+                   (stack.py overlay, build/<VERSION>/overlay/N), time the
                    overlay plus `import torch._inductor.lowering`, run LoweringTest
   --source DIR     source mode on an existing PyTorch checkout (env PYTORCH_SRC
                    works too): check it (pinned commit, clean, nothing
@@ -22,12 +28,14 @@ Modes:
                    symm-mem-stack-N, build it (pip install -e, or --wheel), then
                    run LoweringTest against the built torch
   --clone [DIR]    source mode on a fresh clone of PyTorch at TORCH_GIT_TAG, with
-                   submodules, into DIR (default build/pytorch); an existing
-                   checkout there is used as it is
+                   submodules, into DIR (default build/<VERSION>/pytorch); an
+                   existing checkout there is used as it is
   --installed      test the torch already installed for --python (e.g. a wheel
                    built by source mode): no overlay, no pin check
 
 Options:
+  --base VERSION   the base (a directory patches/VERSION/ with PIN and series;
+                   default: see above)
   --upto N         patches 1..N (default: every patch in the series; 0 = the stock pin)
   --python PY      interpreter: the venv is made from it, or with --no-venv used
                    as it is
@@ -38,8 +46,8 @@ Options:
   --no-build       source mode: stop after applying the patches (no build, no tests)
   --no-tests       stop before LoweringTest
   --force          source mode: replace an existing branch symm-mem-stack-N
-  --series-dir D   series to apply (default: patches/)
-  --overlay-dir D  overlay root for wheel mode (default: build/overlay)
+  --series-dir D   series to apply (default: patches/<VERSION>/)
+  --overlay-dir D  overlay root for wheel mode (default: build/<VERSION>/overlay)
   -h, --help       this text
 
 LoweringTest: with a CUDA GPU or more visible, the GPU tier
@@ -50,13 +58,16 @@ NVSHMEM_DISABLE_NVLS=1 unless already set); with no GPU the CPU tier,
 pytest test/distributed/test_symm_mem_lowering_cpu.py.
 Both run with SYMM_STACK_LEVEL=N.
 
-Environment: PYTORCH_SRC (source checkout), GPU_TIMEOUT (seconds, default 1200),
-SYMM_STACK_PIN_FILE (another pin file, for tests), and for the source build
+Environment: SYMM_STACK_BASE (the base when --base is not given), PYTORCH_SRC
+(source checkout), GPU_TIMEOUT (seconds, default 1200), SYMM_STACK_PIN_FILE
+(another pin file, for tests), SYMM_STACK_PATCHES_ROOT (another patches/, for
+tests), and for the source build
 MAX_JOBS (default: nproc), TORCH_CUDA_ARCH_LIST (default "9.0"), USE_CUDA,
 USE_DISTRIBUTED, CMAKE_* and the rest of PyTorch's build variables, passed
 through; ccache is used when installed (CMAKE_{C,CXX,CUDA}_COMPILER_LAUNCHER).
 
-Exit codes: 0 ok, 1 a step failed, 2 bad input or refusal.
+Exit codes: 0 ok, 1 a step failed, 2 bad input or refusal (an unknown --base,
+a torch no series supports: one line naming the supported bases, nothing made).
 EOF
 }
 
@@ -72,8 +83,10 @@ WHEEL=0
 NO_BUILD=0
 NO_TESTS=0
 FORCE=0
-SERIES_DIR="$ROOT/patches"
-OVERLAY_DIR="$ROOT/build/overlay"
+SERIES_DIR=""
+OVERLAY_DIR=""
+BASE_ARG="${SYMM_STACK_BASE:-}"
+BASE_HOW="SYMM_STACK_BASE $BASE_ARG"
 
 need_value() {
     [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die 2 "$1 needs a value"
@@ -81,6 +94,7 @@ need_value() {
 
 while (($#)); do
     case "$1" in
+        --base) need_value "$@"; BASE_ARG="$2"; BASE_HOW="--base $2"; shift 2 ;;
         --upto) need_value "$@"; UPTO="$2"; shift 2 ;;
         --python) need_value "$@"; PY_ARG="$2"; shift 2 ;;
         --no-venv) NO_VENV=1; shift ;;
@@ -105,7 +119,21 @@ while (($#)); do
     esac
 done
 
-load_pin
+# The base: asked for, else (--no-venv, outside source mode) the one of the
+# interpreter's torch, else the newest.  Refused here, before anything is made.
+if [[ -n "$BASE_ARG" ]]; then
+    use_base "$BASE_ARG" "$BASE_HOW"
+elif ((NO_VENV)) && ((!CLONE)) && [[ -z "$SOURCE_ARG" && -z "${PYTORCH_SRC:-}" ]]; then
+    detect_py="${PY_ARG:-python3}"
+    command -v "$detect_py" >/dev/null 2>&1 ||
+        die 2 "interpreter $detect_py not found; needs --python PY naming a Python with the torch of a supported base ($(bases_line))"
+    detected="$(base_of_torch "$detect_py")" # exits 2 here when it refuses
+    use_base "$detected"
+else
+    use_base ""
+fi
+SERIES_DIR="${SERIES_DIR:-$BASE_DIR}"
+OVERLAY_DIR="${OVERLAY_DIR:-$ROOT/build/$BASE/overlay}"
 [[ -d "$SERIES_DIR" ]] || die 2 "--series-dir $SERIES_DIR is not a directory; needs a series (patches/)"
 LENGTH="$(series_count "$SERIES_DIR")"
 # default: every patch the series has (SERIES_LENGTH once it is complete)
@@ -138,7 +166,7 @@ check_source() {
     SOURCE="$(cd "$SOURCE" && pwd)"
     ((FORCE)) && force=(--force)
     err="$("$CHECK_PY" "$STACK_PY" apply-source --check --source "$SOURCE" --upto "$UPTO" \
-        --series-dir "$SERIES_DIR" "${force[@]}" 2>&1 >/dev/null)" || rc=$?
+        --base "$BASE" --series-dir "$SERIES_DIR" "${force[@]}" 2>&1 >/dev/null)" || rc=$?
     if ((rc != 0)); then
         [[ "$err" == *$'\n'* ]] || die "$rc" "${err#stack.py apply-source: error: }"
         printf '%s\n' "$err" >&2
@@ -207,14 +235,14 @@ trap 'on_exit $?' EXIT
 # ------------------------------------------------------------------ wheel mode
 
 wheel_mode() {
-    select_python "$PY_ARG" "$NO_VENV" "$ROOT/.venv" 1
-    "$PY" "$STACK_PY" check-torch --python "$PY" >/dev/null
+    select_python "$PY_ARG" "$NO_VENV" "$(venv_dir)" 1
+    "$PY" "$STACK_PY" check-torch --base "$BASE" --python "$PY" >/dev/null
     PYTHONPATH="$(without_overlays)"
     export PYTHONPATH
     local start target
     start="$(now_us)"
     if ((UPTO > 0)); then
-        target="$("$PY" "$STACK_PY" overlay --upto "$UPTO" --python "$PY" \
+        target="$("$PY" "$STACK_PY" overlay --base "$BASE" --upto "$UPTO" --python "$PY" \
             --series-dir "$SERIES_DIR" --out "$OVERLAY_DIR")"
         PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
         log "PYTHONPATH=$PYTHONPATH SYMM_STACK_LEVEL=$UPTO"
@@ -233,7 +261,7 @@ wheel_mode() {
 # ------------------------------------------------------------------ source mode
 
 clone_source() {
-    local dir="${CLONE_DIR:-$ROOT/build/pytorch}"
+    local dir="${CLONE_DIR:-$ROOT/build/$BASE/pytorch}"
     if [[ -e "$dir" ]]; then
         git -C "$dir" rev-parse --git-dir >/dev/null 2>&1 ||
             die 2 "$dir exists and is not a git checkout; needs a free path for --clone"
@@ -289,7 +317,7 @@ source_mode() {
     select_python "$PY_ARG" "$NO_VENV" "$ROOT/build/venv-source" 0
     local force=()
     ((FORCE)) && force=(--force)
-    "$PY" "$STACK_PY" apply-source --source "$SOURCE" --upto "$UPTO" \
+    "$PY" "$STACK_PY" apply-source --source "$SOURCE" --upto "$UPTO" --base "$BASE" \
         --series-dir "$SERIES_DIR" "${force[@]}" >/dev/null
     if ((NO_BUILD)); then
         summary "branch symm-mem-stack-$UPTO made in $SOURCE, not built, LoweringTest not run (--no-build)"
@@ -309,7 +337,7 @@ source_mode() {
 # ------------------------------------------------------------------ installed mode
 
 installed_mode() {
-    select_python "$PY_ARG" "$NO_VENV" "$ROOT/.venv" 1
+    select_python "$PY_ARG" "$NO_VENV" "$(venv_dir)" 1
     PYTHONPATH="$(without_overlays)"
     export PYTHONPATH
     report_torch installed
@@ -320,7 +348,7 @@ installed_mode() {
     lowering_tests
 }
 
-log "mode: $MODE, patches 1..$UPTO, pin $TORCH_GIT_TAG (${TORCH_GIT_COMMIT:0:12})"
+log "mode: $MODE, base $BASE, patches 1..$UPTO, pin $TORCH_GIT_TAG (${TORCH_GIT_COMMIT:0:12})"
 case "$MODE" in
     wheel) wheel_mode ;;
     source) source_mode ;;

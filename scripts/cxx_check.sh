@@ -11,13 +11,17 @@
 #   --tree DIR   DIR holds already patched sources at their PyTorch paths
 #                (DIR/torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory.cu,
 #                and normally the .hpp next to it).
-#   (default)    a temporary tree: the pin as a git repo (`stack.py base`:
-#                the wheel's headers under torch/csrc plus vendor/pytorch's
-#                pinned-era .cu), with the whole series applied by
+#   (default)    a temporary tree: the base's pin as a git repo (`stack.py
+#                base --base VERSION`: the wheel's headers under torch/csrc
+#                plus vendor/VERSION/pytorch's .cu), with the base's series
+#                (patches/VERSION/) applied by
 #                `stack.py import` (git am).  If no patch changes the two
 #                files, the UNPATCHED sources are compiled and the script says
-#                so.  This needs the pinned torch for --python (otherwise:
-#                cannot run here).
+#                so.  This needs the base's torch for --python, and the base's
+#                vendored .cu (otherwise: cannot run here, exit 3).
+#
+# The base: --base VERSION, else $SYMM_STACK_BASE, else the base of
+# --python's torch (stack.py bases --installed).
 #
 # Then (unless --no-probe) the probe library of test/distributed/cxx/
 # test_peer_alloc_info.py's patched-class tests is built from the same tree
@@ -45,10 +49,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REL_DIR="torch/csrc/distributed/c10d/symm_mem"
 CU_REL="$REL_DIR/CUDASymmetricMemory.cu"
 HPP_REL="$REL_DIR/CUDASymmetricMemory.hpp"
-VENDOR_CU="$ROOT/vendor/pytorch/$CU_REL"
 DEPS_DIR="$ROOT/build/cxx/deps"
 
 PY=""
+BASE="${SYMM_STACK_BASE:-}"
 TREE=""
 ARCH="sm_90"
 KEEP=0
@@ -67,13 +71,16 @@ load (nothing runs on a GPU) the probe library of the patched
 CUDAPeerAllocInfo that test/distributed/cxx/test_peer_alloc_info.py uses.
 
 Options:
+  --base VERSION      the base (patches/VERSION/; default: \$SYMM_STACK_BASE,
+                      else the base of --python's torch)
   --python PY         Python whose torch provides the headers; without
-                      --tree it must be the pinned torch
-                      (default: .venv/bin/python, else python3)
+                      --tree it must be the base's torch
+                      (default: .venv/VERSION/bin/python, else the newest
+                      .venv/*/bin/python, else python3)
   --tree DIR          directory holding the patched torch/csrc/... sources
                       (default: a temporary stack.py base tree — the wheel's
-                      headers plus vendor/pytorch — with patches/series
-                      applied by stack.py import)
+                      headers plus vendor/VERSION/pytorch — with
+                      patches/VERSION/series applied by stack.py import)
   --arch ARCH         GPU architecture for -arch (default: sm_90)
   --include-dir DIR   extra directory to search for missing third-party
                       headers (nvml.h, cusparse.h, ...); may be repeated
@@ -113,6 +120,11 @@ while [[ $# -gt 0 ]]; do
     --python)
       [[ $# -ge 2 ]] || die_usage "--python needs an argument"
       PY="$2"
+      shift 2
+      ;;
+    --base)
+      [[ $# -ge 2 ]] || die_usage "--base needs an argument"
+      BASE="$2"
       shift 2
       ;;
     --tree)
@@ -155,28 +167,41 @@ done
 
 # ---- tools --------------------------------------------------------------
 if [[ -z "$PY" ]]; then
-  if [[ -x "$ROOT/.venv/bin/python" ]]; then
-    PY="$ROOT/.venv/bin/python"
+  newest_venv="$(printf '%s\n' "$ROOT"/.venv/*/bin/python | sort -V | tail -n1)"
+  [[ -x "$newest_venv" ]] || newest_venv=""
+  if [[ -n "$BASE" && -x "$ROOT/.venv/$BASE/bin/python" ]]; then
+    PY="$ROOT/.venv/$BASE/bin/python"
+  elif [[ -n "$newest_venv" ]]; then
+    PY="$newest_venv"
   elif command -v python3 >/dev/null 2>&1; then
     PY="$(command -v python3)"
   else
-    cannot_run "no Python found (.venv/bin/python or python3); pass --python"
+    cannot_run "no Python found (.venv/VERSION/bin/python or python3); pass --python"
   fi
 fi
 command -v "$PY" >/dev/null 2>&1 || cannot_run "Python '$PY' not found"
+if [[ -z "$BASE" ]]; then
+  BASE="$("$PY" "$ROOT/scripts/stack.py" bases --python "$PY" --installed 2>&1)" ||
+    cannot_run "no --base, and ${BASE##*error: }"
+fi
+PATCHES_ROOT="${SYMM_STACK_PATCHES_ROOT:-$ROOT/patches}"
+[[ -f "$PATCHES_ROOT/$BASE/PIN" ]] ||
+  die_usage "--base $BASE is not a supported base; supported: $(for d in "$PATCHES_ROOT"/*/PIN; do d="${d%/PIN}"; echo "${d##*/}"; done | sort -V | paste -sd' ')"
+VENDOR_CU="$ROOT/vendor/$BASE/pytorch/$CU_REL"
 
 # make_patched_tree DIR: the pin as a git repo (`stack.py base`: the wheel's
 # headers under torch/csrc plus vendor/pytorch's .cu) with the whole series
 # applied by git am (`stack.py import`).  Needs the pinned torch for $PY.
 make_patched_tree() {
   local tree="$1" rc=0
-  [[ -f "$VENDOR_CU" ]] || die_usage "vendored source missing: $VENDOR_CU"
-  "$PY" "$ROOT/scripts/stack.py" check-torch --python "$PY" >/dev/null ||
-    cannot_run "the default tree is made from the pinned torch; $PY's torch is not it"
-  "$PY" "$ROOT/scripts/stack.py" base --python "$PY" --out "$tree" >/dev/null || rc=$?
+  [[ -f "$VENDOR_CU" ]] ||
+    cannot_run "base $BASE has no vendored sources yet ($VENDOR_CU is missing; the wheel has no .cu)"
+  "$PY" "$ROOT/scripts/stack.py" check-torch --base "$BASE" --python "$PY" >/dev/null ||
+    cannot_run "the default tree is made from base $BASE's torch; $PY's torch is not it"
+  "$PY" "$ROOT/scripts/stack.py" base --base "$BASE" --python "$PY" --out "$tree" >/dev/null || rc=$?
   ((rc == 3)) && cannot_run "stack.py base: a tool it needs is missing (see above)"
   ((rc == 0)) || die_usage "stack.py base failed (exit $rc)"
-  "$PY" "$ROOT/scripts/stack.py" import --base-dir "$tree" --series-dir "$ROOT/patches" || rc=$?
+  "$PY" "$ROOT/scripts/stack.py" import --base "$BASE" --base-dir "$tree" || rc=$?
   ((rc == 3)) && cannot_run "stack.py import: a tool it needs is missing (see above)"
   ((rc == 0)) || die_usage "the series does not apply (stack.py import, exit $rc)"
   return 0
@@ -274,7 +299,7 @@ else
   TREE="$WORK/base"
   make_patched_tree "$TREE"
   if git -C "$TREE" diff --quiet pin-base HEAD -- "$CU_REL" "$HPP_REL"; then
-    echo "cxx_check: NOTE: no patch in patches/series changes $CU_REL or $HPP_REL;" \
+    echo "cxx_check: NOTE: no patch in patches/$BASE/series changes $CU_REL or $HPP_REL;" \
       "compiling the UNPATCHED sources"
     UNPATCHED=1
   else

@@ -14,16 +14,18 @@ usage() {
     cat <<EOF
 Usage: scripts/ghstack_stack.sh --source DIR [options] [-- GHSTACK_SUBMIT_ARGS...]
 
-Turns the patch series into a stack of commits in the PyTorch checkout DIR
-(at the pin, clean) and submits it with ghstack, one pull request per patch.
+Turns a base's patch series (patches/VERSION/; --base VERSION, else
+\$SYMM_STACK_BASE, else the newest base) into a stack of commits in the
+PyTorch checkout DIR (at that base's pin, clean) and submits it with ghstack,
+one pull request per patch.
 
   1. scripts/apply_and_build.sh --source DIR --no-build --no-tests (with this
-     repository's .venv Python, --no-venv) applies the series: one commit per
+     repository's .venv/VERSION Python, --no-venv) applies the series: one commit per
      patch on a new branch symm-mem-stack-N (it does every check).
   2. Commit n is rewritten to carry its tests in upstream form:
      $TEST_SUBDIR/ gets what
-     'scripts/stack.py upstream-tests --level n' writes (the GPU-tier tests
-     of test/distributed that hold from commit n on, without the level
+     'scripts/stack.py upstream-tests --base VERSION --level n' writes (the
+     GPU-tier tests of test/distributed that hold from commit n on, without the level
      machinery, and the helpers they import), so each test arrives with the
      commit whose change it tests.  The CPU tier and the tests that pin a
      state the series later changes stay in this repository.  Each commit
@@ -32,9 +34,10 @@ Turns the patch series into a stack of commits in the PyTorch checkout DIR
   3. ghstack submit [GHSTACK_SUBMIT_ARGS...] PIN..HEAD, run inside DIR.
 
 Options:
+  --base VERSION   the base (default: \$SYMM_STACK_BASE, else the newest)
   --source DIR     PyTorch checkout at the pin (default: env PYTORCH_SRC)
   --upto N         apply patches 1..N only (passed to apply_and_build.sh)
-  --series-dir DIR the series to apply (default: patches/; passed on)
+  --series-dir DIR the series to apply (default: patches/VERSION/; passed on)
   --force          passed to apply_and_build.sh
   --dry-run        stop before any network step: build and rewrite the stack,
                    then print, for each commit, the pull request title and
@@ -42,9 +45,10 @@ Options:
   -h, --help       this text
 
 Everything after -- goes to 'ghstack submit' unchanged (e.g. -- --draft).
-The pin commit comes from PIN, or from the file named by env
+The pin commit comes from patches/VERSION/PIN, or from the file named by env
 SYMM_STACK_PIN_FILE (as in apply_and_build.sh).  ghstack is taken from this
-repository's .venv, else from PATH; env GHSTACK overrides both.
+repository's .venv/VERSION (else the newest .venv/*), else from PATH; env
+GHSTACK overrides both.
 
 Exit status: 0 done, 1 a step failed, 2 bad input (arguments, pin), 3 a tool
 it needs (ghstack, python3) is missing.
@@ -58,14 +62,17 @@ say() { echo "$PROG: $*"; }
 SRC="${PYTORCH_SRC:-}"
 UPTO=""
 SERIES_DIR=""
+BASE_ARG="${SYMM_STACK_BASE:-}"
+BASE_HOW="SYMM_STACK_BASE $BASE_ARG"
 FORCE=0
 DRY_RUN=0
 GHSTACK_ARGS=()
 while (($#)); do
     case "$1" in
-        --source | --upto | --series-dir)
+        --source | --upto | --series-dir | --base)
             [[ $# -ge 2 && -n "$2" ]] || die 2 "$1 needs a value"
             case "$1" in
+                --base) BASE_ARG="$2"; BASE_HOW="--base $2" ;;
                 --source) SRC="$2" ;;
                 --upto) UPTO="$2" ;;
                 --series-dir) SERIES_DIR="$2" ;;
@@ -75,6 +82,7 @@ while (($#)); do
         --source=*) SRC="${1#*=}"; shift ;;
         --upto=*) UPTO="${1#*=}"; shift ;;
         --series-dir=*) SERIES_DIR="${1#*=}"; shift ;;
+        --base=*) BASE_ARG="${1#*=}"; BASE_HOW="--base ${1#*=}"; shift ;;
         --force) FORCE=1; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -83,6 +91,7 @@ while (($#)); do
     esac
 done
 
+use_base "$BASE_ARG" "$BASE_HOW" # the newest when none was asked for; loads the pin
 [[ -n "$SRC" ]] || die 2 "no PyTorch checkout given (--source DIR or env PYTORCH_SRC)"
 [[ -d "$SRC" ]] || die 2 "$SRC is not a directory"
 SRC="$(cd "$SRC" && pwd)"
@@ -90,13 +99,15 @@ if [[ -n "$UPTO" && ! "$UPTO" =~ ^[0-9]+$ ]]; then
     die 2 "--upto wants a number, got '$UPTO'"
 fi
 
-load_pin  # PIN, or the file named by SYMM_STACK_PIN_FILE; never executed
 PIN_COMMIT="$TORCH_GIT_COMMIT"
 [[ "$PIN_COMMIT" =~ ^[0-9a-f]{40}$ ]] ||
     die 2 "the pin's TORCH_GIT_COMMIT is '$PIN_COMMIT'; needs a 40-hex commit"
 
-PYTHON="$ROOT/.venv/bin/python"
-[[ -x "$PYTHON" ]] || PYTHON="$(command -v python3)" || die 3 "python3 not found"
+PYTHON="$ROOT/.venv/$BASE/bin/python"
+if [[ ! -x "$PYTHON" ]]; then
+    PYTHON="$(printf '%s\n' "$ROOT"/.venv/*/bin/python | sort -V | tail -n1)"
+    [[ -x "$PYTHON" ]] || PYTHON="$(command -v python3)" || die 3 "python3 not found"
+fi
 PY="$PYTHON"  # find_tool looks beside it, then on PATH
 GHSTACK_BIN="${GHSTACK:-$(find_tool ghstack || true)}"
 if ((DRY_RUN == 0)); then
@@ -108,7 +119,7 @@ g() { git -C "$SRC" "$@"; }
 # 1. One commit per patch, by the one script that knows how.
 # Only scripts/stack.py runs there: this repository's .venv (or python3) as it
 # is, without the venv that source mode would otherwise make for a build.
-apply_args=(--source "$SRC" --no-build --no-tests --python "$PYTHON" --no-venv)
+apply_args=(--base "$BASE" --source "$SRC" --no-build --no-tests --python "$PYTHON" --no-venv)
 [[ -n "$UPTO" ]] && apply_args+=(--upto "$UPTO")
 [[ -n "$SERIES_DIR" ]] && apply_args+=(--series-dir "$SERIES_DIR")
 ((FORCE)) && apply_args+=(--force)
@@ -131,7 +142,7 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 for ((n = 1; n <= ${#COMMITS[@]}; n++)); do
-    "$PYTHON" "$ROOT/scripts/stack.py" upstream-tests --level "$n" \
+    "$PYTHON" "$ROOT/scripts/stack.py" upstream-tests --base "$BASE" --level "$n" \
         --out "$WORK/tests-$n" >"$WORK/files-$n" ||
         die 1 "scripts/stack.py upstream-tests --level $n failed"
 done

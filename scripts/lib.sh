@@ -6,6 +6,12 @@ STACK_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STACK_PY="$STACK_ROOT/scripts/stack.py"
 : "${STACK_LOG_PREFIX:=stack}"
 
+# The series of every base live in $PATCHES_ROOT/<VERSION>/ (PIN, series,
+# the patches); SYMM_STACK_PATCHES_ROOT names another root (the toolchain's
+# tests use it for a made-up second base).
+PATCHES_ROOT="${SYMM_STACK_PATCHES_ROOT:-$STACK_ROOT/patches}"
+# Filled by use_base: the base (e.g. 2.11.0) and its directory under PATCHES_ROOT.
+BASE="" BASE_DIR=""
 # Filled by load_pin.
 TORCH_VERSION="" TORCH_GIT_TAG="" TORCH_GIT_COMMIT="" TORCH_WHEEL=""
 PYTHON_VERSION="" SERIES_LENGTH=""
@@ -24,10 +30,58 @@ die() {
     exit "$code"
 }
 
-# load_pin: read PIN (or $SYMM_STACK_PIN_FILE) as KEY=VALUE lines, without
-# executing it, into the variables above.
+# supported_bases: the supported bases, oldest first (compared as versions):
+# the directories $PATCHES_ROOT/*/ holding both a PIN and a series file.
+supported_bases() {
+    local dir
+    for dir in "$PATCHES_ROOT"/*/; do
+        dir="${dir%/}"
+        if [[ -f "$dir/PIN" && -f "$dir/series" ]]; then
+            echo "${dir##*/}"
+        fi
+    done | sort -V
+}
+
+# newest_base: the highest supported base (empty when there is none).
+newest_base() {
+    supported_bases | tail -n1
+}
+
+# bases_line: the supported bases as "2.11.0, 2.14.1" ("none" when none), and
+# the bases whose series is not there yet (a PIN only), for one-line refusals.
+bases_line() {
+    local line pending=() dir
+    line="$(supported_bases | paste -sd, - | sed 's/,/, /g')"
+    for dir in "$PATCHES_ROOT"/*/; do
+        dir="${dir%/}"
+        [[ -f "$dir/PIN" && ! -f "$dir/series" ]] && pending+=("${dir##*/}")
+    done
+    printf '%s' "${line:-none}"
+    ((${#pending[@]} == 0)) || printf ' (no series yet: %s)' "${pending[*]}"
+}
+
+# use_base VERSION WHAT: select base VERSION (empty: the newest) and load its
+# pin, or die 2 with one line that says WHAT was asked (e.g. "--base 2.12.0",
+# "torch 2.12.0") and names the supported bases.
+use_base() {
+    local version=$1 what=${2:-"--base $1"}
+    if [[ -z "$version" ]]; then
+        version="$(newest_base)"
+        [[ -n "$version" ]] ||
+            die 2 "no supported base in $PATCHES_ROOT; needs a directory <VERSION>/ with PIN and series"
+    fi
+    if ! supported_bases | grep -qxF -- "$version"; then
+        die 2 "$what is not a supported base; supported: $(bases_line)"
+    fi
+    BASE="$version"
+    BASE_DIR="$PATCHES_ROOT/$version"
+    load_pin
+}
+
+# load_pin: read $BASE_DIR/PIN (or $SYMM_STACK_PIN_FILE) as KEY=VALUE lines,
+# without executing it, into the variables above.
 load_pin() {
-    local file="${SYMM_STACK_PIN_FILE:-$STACK_ROOT/PIN}" line key
+    local file="${SYMM_STACK_PIN_FILE:-$BASE_DIR/PIN}" line key
     [[ -f "$file" ]] || die 2 "pin file $file not found; needs KEY=VALUE lines"
     while IFS= read -r line || [[ -n "$line" ]]; do
         line="${line%$'\r'}"
@@ -49,6 +103,27 @@ load_pin() {
     done
     [[ "$SERIES_LENGTH" =~ ^[0-9]+$ ]] ||
         die 2 "$file: SERIES_LENGTH is '$SERIES_LENGTH'; needs a number"
+    if [[ -z "${SYMM_STACK_PIN_FILE:-}" && -n "$BASE" && "$TORCH_VERSION" != "$BASE" ]]; then
+        die 2 "$file: TORCH_VERSION is $TORCH_VERSION; needs $BASE, its directory's name"
+    fi
+}
+
+# base_of_torch PY: print the supported base whose TORCH_VERSION is the
+# release of the torch PY has installed (found without importing it, overlays
+# ignored), or die 2 with one line naming the supported bases.
+base_of_torch() {
+    local err rc=0 found
+    found="$("$1" "$STACK_PY" bases --python "$1" --installed 2>&1)" || rc=$?
+    if ((rc != 0)); then
+        err="$(tail -n1 <<<"$found")"
+        die 2 "${err#stack.py bases: error: }"
+    fi
+    echo "$found"
+}
+
+# venv_dir: the venv of the selected base, .venv/<BASE>.
+venv_dir() {
+    echo "$STACK_ROOT/.venv/$BASE"
 }
 
 # python_minor PY: print "3.11" for a Python 3.11 interpreter.

@@ -1,12 +1,14 @@
-#!/usr/bin/env -S sh -c 'PATH="${0%/*}/../.venv/bin:$PATH" exec python3 "$0" "$@"'
-# ^ Run as `scripts/stack.py`, it runs under the repository's .venv/bin/python3
-# when there is one (else python3 on PATH); `PY scripts/stack.py` runs under PY.
+#!/usr/bin/env -S sh -c 'exec sh "${0%/*}/venv_python.sh" "$0" "$@"'
+# ^ Run as `scripts/stack.py`, it runs under the newest of the repository's
+# venvs, .venv/<VERSION>/bin/python3 (else python3 on PATH: venv_python.sh);
+# `PY scripts/stack.py` runs under PY.
 """Toolchain core for the symmetric-memory patch series against pinned PyTorch.
 
 Subcommands (``stack.py SUBCOMMAND --help`` lists each one's flags):
 
   check-torch   find the torch an interpreter would import and check it is the pin
-  base          materialize the pin as a git repo (build/base, tag pin-base)
+  bases         the supported bases (patches/<VERSION>/ with PIN and series)
+  base          materialize the pin as a git repo (build/<VERSION>/base, tag pin-base)
   import        git-am patches 1..N of the series onto a branch of the base repo
   export        write that branch back as a canonical, deterministic patch series
   overlay       run patched torch/*.py on the installed wheel through PYTHONPATH
@@ -15,8 +17,13 @@ Subcommands (``stack.py SUBCOMMAND --help`` lists each one's flags):
   lint-patched  ruff on the overlay's patched files, judged against the pinned files
   upstream-tests  the GPU-tier tests of commit N of the stack, in upstream form
 
-The pin is read from PIN at the repository root (or the file named by the
-environment variable SYMM_STACK_PIN_FILE).  Exit codes: 0 success, 1 a check
+One series per base: patches/<VERSION>/ holds the base's PIN, its series and
+its patches; build/<VERSION>/ its base repo and overlays; vendor/<VERSION>/
+its vendored sources.  `--base VERSION` picks the base; without it
+SYMM_STACK_BASE, else the base whose TORCH_VERSION is the release of the
+interpreter's torch (--python PY, else this one), else the newest base.  The
+pin is read from patches/<VERSION>/PIN (or the file named by the environment
+variable SYMM_STACK_PIN_FILE).  Exit codes: 0 success, 1 a check
 found problems, 2 bad input or a refusal (one line on stderr, nothing left
 half-done), 3 a tool this needs is not available here.
 """
@@ -46,8 +53,11 @@ from typing import Any
 
 
 REPO = Path(__file__).resolve().parent.parent
+# patches/<VERSION>/{PIN,series,*.patch}; SYMM_STACK_PATCHES_ROOT names another
+# root (the toolchain's tests use it for a made-up second base).
+PATCHES_ROOT = Path(os.environ.get("SYMM_STACK_PATCHES_ROOT") or REPO / "patches")
 TOOL = "scripts/stack.py"
-LAYOUT = 1  # bump when the layout of build/base or build/overlay changes
+LAYOUT = 2  # bump when the layout of build/base or build/overlay changes
 BASE_TAG = "pin-base"
 BASE_BRANCH = "base"
 BASE_META = ".stack-base.json"
@@ -93,12 +103,88 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-# -------- pin --------
+# -------- bases and pin --------
+
+# The base every subcommand works on, set by main() (resolve_base).
+BASE = ""
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    "2.14.1 -> (2, 14, 1): bases compare as version tuples"
+    return tuple(int(n) for n in re.findall(r"\d+", version))
+
+
+def known_bases() -> list[str]:
+    "Every patches/<VERSION>/ with a PIN, oldest first (series or not)"
+    if not PATCHES_ROOT.is_dir():
+        return []
+    found = [d.name for d in PATCHES_ROOT.iterdir() if (d / "PIN").is_file()]
+    return sorted(found, key=version_key)
+
+
+def supported_bases() -> list[str]:
+    "The bases with a PIN and a series file, oldest first"
+    return [b for b in known_bases() if (PATCHES_ROOT / b / "series").is_file()]
+
+
+def bases_line() -> str:
+    "'2.11.0, 2.14.1' plus the bases without a series yet, for one-line refusals"
+    line = ", ".join(supported_bases()) or "none"
+    pending = [b for b in known_bases() if b not in supported_bases()]
+    return line + (f" (no series yet: {' '.join(pending)})" if pending else "")
+
+
+def release_of(version: str) -> str:
+    "'2.11.0+cu130' and '2.11.0a0+git70d99e9' -> '2.11.0'"
+    match = re.match(r"\d+\.\d+\.\d+", version)
+    return match.group(0) if match else version
+
+
+def base_of_torch(python: str) -> str:
+    "The supported base whose TORCH_VERSION is the release of PY's torch"
+    try:
+        torch = find_torch(python)
+    except StackError as err:
+        raise StackError(f"{err}; supported bases: {bases_line()}") from None
+    release = release_of(torch.version)
+    if release not in supported_bases():
+        raise StackError(
+            f"torch {torch.version} (installed for {python}) is not a supported base; "
+            f"supported: {bases_line()}"
+        )
+    return release
+
+
+def resolve_base(args: argparse.Namespace) -> str:
+    """--base, else SYMM_STACK_BASE, else the base of the interpreter's torch
+    (when supported), else the newest supported base.  --base may name a base
+    whose series is not written yet (a PIN only): base, import and export
+    are how it gets one."""
+    asked = getattr(args, "base", None) or os.environ.get("SYMM_STACK_BASE")
+    if asked:
+        if asked not in known_bases():
+            how = "--base" if getattr(args, "base", None) else "SYMM_STACK_BASE"
+            raise StackError(
+                f"{how} {asked} is not a supported base; supported: {bases_line()}"
+            )
+        return asked
+    supported = supported_bases()
+    if not supported:
+        raise StackError(
+            f"no supported base in {PATCHES_ROOT}; needs <VERSION>/ with PIN and "
+            "series, or --base naming a directory with a PIN"
+        )
+    try:
+        python = getattr(args, "python", sys.executable)
+        release = release_of(find_torch(python).version)
+    except StackError:
+        release = ""
+    return release if release in supported else supported[-1]
 
 
 def pin_path() -> Path:
     override = os.environ.get("SYMM_STACK_PIN_FILE")
-    return Path(override) if override else REPO / "PIN"
+    return Path(override) if override else PATCHES_ROOT / BASE / "PIN"
 
 
 def load_pin() -> dict[str, str]:
@@ -124,6 +210,11 @@ def load_pin() -> dict[str, str]:
     if not pin["SERIES_LENGTH"].isdigit():
         raise StackError(
             f"{path}: SERIES_LENGTH is {pin['SERIES_LENGTH']!r}; needs a number"
+        )
+    if not os.environ.get("SYMM_STACK_PIN_FILE") and pin["TORCH_VERSION"] != BASE:
+        raise StackError(
+            f"{path}: TORCH_VERSION is {pin['TORCH_VERSION']}; needs {BASE}, "
+            "its directory's name"
         )
     return pin
 
@@ -319,7 +410,7 @@ def file_changes(patch: Patch) -> list[FileChange]:
         raise StackError(
             f"python module unidiff is missing for {sys.executable}, the interpreter "
             "running stack.py; needs `PY -m pip install -r requirements-dev.txt` "
-            "there, or stack.py run by .venv/bin/python (which "
+            "there, or stack.py run by .venv/<VERSION>/bin/python (which "
             "scripts/apply_and_build.sh makes)",
             code=3,
         ) from None
@@ -472,6 +563,18 @@ def check_torch(python: str, pin: dict[str, str]) -> Torch:
     return torch
 
 
+def cmd_bases(args: argparse.Namespace) -> int:
+    if args.installed:
+        print(base_of_torch(args.python))
+        return 0
+    bases = supported_bases()
+    if not bases:
+        raise StackError(f"no supported base in {PATCHES_ROOT}")
+    for base in bases[-1:] if args.newest else bases:
+        print(base)
+    return 0
+
+
 def cmd_check_torch(args: argparse.Namespace) -> int:
     torch = check_torch(args.python, load_pin())
     log(f"torch {torch.version} (git {torch.git[:12]}) for {args.python}: the pin")
@@ -482,8 +585,13 @@ def cmd_check_torch(args: argparse.Namespace) -> int:
 # -------- base --------
 
 
+def vendor_root() -> Path:
+    "vendor/<VERSION>/pytorch: the base's own vendored sources (may not exist)"
+    return REPO / "vendor" / BASE / "pytorch"
+
+
 def vendor_files() -> list[tuple[str, Path]]:
-    root = REPO / "vendor" / "pytorch"
+    root = vendor_root()
     if not root.is_dir():
         return []
     found = []
@@ -612,7 +720,7 @@ def cmd_base(args: argparse.Namespace) -> int:
             f"PyTorch {pin['TORCH_GIT_TAG']} ({pin['TORCH_GIT_COMMIT']}) base, "
             f"from the {pin['TORCH_WHEEL']} wheel\n\n"
             f"Made by {TOOL} base: torch/**/*.py and the torch/csrc headers of\n"
-            "the wheel, plus everything under vendor/pytorch/.\n"
+            f"the wheel, plus everything under vendor/{BASE}/pytorch/.\n"
         )
         git(
             ["-c", "core.looseCompression=1", "commit", "-q", "--no-verify", "-F", "-"],
@@ -688,7 +796,8 @@ def report_exclusions(exclusions: Sequence[Exclusion]) -> None:
     for e in exclusions:
         log(
             f"{e.patch}: excluded {e.file} ({e.hunks} hunk(s)): "
-            "file not in the wheel-derived base (vendor it under vendor/pytorch/)"
+            "file not in the wheel-derived base "
+            f"(vendor it under vendor/{BASE}/pytorch/)"
         )
 
 
@@ -884,7 +993,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise StackError(
             f"branch {args.branch} was imported without hunks for {files} (not in the "
             "wheel-derived base); exporting would drop them: vendor those files under "
-            "vendor/pytorch/, rebuild the base with --force and import again"
+            f"vendor/{BASE}/pytorch/, rebuild the base with --force and import again"
         )
     out: Path = args.out.absolute()
     if out.exists() and not out.is_dir():
@@ -1438,7 +1547,8 @@ def check_applies(base: Path, patches: Sequence[Patch]) -> tuple[list[str], list
             for e in skip:
                 notes.append(
                     f"{patch.name}: {e.file} ({e.hunks} hunk(s)) not checked: "
-                    "not in the wheel-derived base (vendor it under vendor/pytorch/)"
+                    "not in the wheel-derived base "
+                    f"(vendor it under vendor/{BASE}/pytorch/)"
                 )
             excludes = [f"--exclude={e.file}" for e in skip]
             path = str(patch.path.resolve())
@@ -1765,8 +1875,12 @@ def _local_imports(text: str, tests: Path) -> set[str]:
 
 
 def cmd_upstream_tests(args: argparse.Namespace) -> int:
-    if args.level < 1:
-        raise StackError(f"--level wants a commit number >= 1, got {args.level}")
+    have = len(series_names(PATCHES_ROOT / BASE))
+    if not 1 <= args.level <= have:
+        raise StackError(
+            f"--level wants a commit number 1..{have} (the patches of base {BASE}), "
+            f"got {args.level}"
+        )
     for name in upstream_test_files(args.tests, args.level, args.out):
         print(name)
     return 0
@@ -1796,13 +1910,21 @@ def build_parser() -> argparse.ArgumentParser:
             help="interpreter whose installed torch is used (default: this one)",
         )
 
+    def base_version_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--base",
+            metavar="VERSION",
+            help="the base, a directory patches/VERSION/ (default: SYMM_STACK_BASE, "
+            "else the base of the interpreter's torch, else the newest)",
+        )
+
     def series_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--series-dir",
             type=Path,
-            default=REPO / "patches",
             metavar="DIR",
-            help="directory holding `series` and the patches (default: patches/)",
+            help="directory holding `series` and the patches "
+            "(default: patches/VERSION/)",
         )
 
     def upto_flag(p: argparse.ArgumentParser, what: str) -> None:
@@ -1818,9 +1940,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--out",
             type=Path,
-            default=REPO / "build" / "overlay",
             metavar="DIR",
-            help="overlay root; level N goes to DIR/N (default: build/overlay)",
+            help="overlay root; level N goes to DIR/N (default: build/VERSION/overlay)",
         )
         python_flag(p)
         series_flag(p)
@@ -1829,21 +1950,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--base-dir",
             type=Path,
-            default=REPO / "build" / "base",
             metavar="DIR",
-            help="base repo made by `base` (default: build/base)",
+            help="base repo made by `base` (default: build/VERSION/base)",
         )
 
+    p = add("bases", cmd_bases, "list the supported bases, oldest first")
+    python_flag(p)
+    p.add_argument(
+        "--installed",
+        action="store_true",
+        help="print only the base of PY's torch; "
+        "refuse (exit 2) a torch no series supports",
+    )
+    p.add_argument("--newest", action="store_true", help="print only the newest base")
+
     p = add("check-torch", cmd_check_torch, "check that PY's torch is the pinned build")
+    base_version_flag(p)
     python_flag(p)
 
     p = add("base", cmd_base, "materialize the pin as a git repo tagged pin-base")
+    base_version_flag(p)
     p.add_argument(
         "--out",
         type=Path,
-        default=REPO / "build" / "base",
         metavar="DIR",
-        help="where to put the base repo (default: build/base)",
+        help="where to put the base repo (default: build/VERSION/base)",
     )
     python_flag(p)
     p.add_argument(
@@ -1853,6 +1984,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("import", cmd_import, "git am the series onto a new branch of the base")
+    base_version_flag(p)
     upto_flag(p, "apply")
     base_flag(p)
     p.add_argument(
@@ -1864,6 +1996,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("export", cmd_export, "write the branch back as the canonical series")
+    base_version_flag(p)
     base_flag(p)
     p.add_argument(
         "--branch", default="stack", help="branch to export (default: stack)"
@@ -1871,14 +2004,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        default=REPO / "patches",
         metavar="DIR",
-        help="series directory to replace (default: patches/)",
+        help="series directory to replace (default: patches/VERSION/; its PIN stays)",
     )
 
     p = add(
         "overlay", cmd_overlay, "patched torch Python files over the installed wheel"
     )
+    base_version_flag(p)
     upto_flag(p, "overlay")
     overlay_flags(p)
     p.add_argument(
@@ -1893,6 +2026,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("check-series", cmd_check_series, "check the series for integrity")
+    base_version_flag(p)
     base_flag(p)
     series_flag(p)
 
@@ -1904,6 +2038,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="PyTorch git checkout at the pinned commit",
     )
+    base_version_flag(p)
     upto_flag(p, "apply")
     series_flag(p)
     p.add_argument(
@@ -1918,6 +2053,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("lint-patched", cmd_lint_patched, "ruff the patched torch files vs the pin")
+    base_version_flag(p)
     upto_flag(p, "lint the files touched by")
     overlay_flags(p)
 
@@ -1926,7 +2062,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_upstream_tests,
         "write the GPU-tier tests of stack commit N in upstream form",
     )
-    p.add_argument("--level", type=int, required=True, metavar="N", help="commit N")
+    base_version_flag(p)
+    p.add_argument(
+        "--level",
+        type=int,
+        required=True,
+        metavar="N",
+        help="commit N (at most the number of patches in the base's series)",
+    )
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output dir")
     p.add_argument(
         "--tests",
@@ -1938,9 +2081,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Per subcommand, its path flags and their defaults under the selected base.
+BASE_DEFAULTS: dict[str, dict[str, Callable[[str], Path]]] = {
+    "base": {"out": lambda b: REPO / "build" / b / "base"},
+    "import": {
+        "base_dir": lambda b: REPO / "build" / b / "base",
+        "series_dir": lambda b: PATCHES_ROOT / b,
+    },
+    "export": {
+        "base_dir": lambda b: REPO / "build" / b / "base",
+        "out": lambda b: PATCHES_ROOT / b,
+    },
+    "overlay": {
+        "out": lambda b: REPO / "build" / b / "overlay",
+        "series_dir": lambda b: PATCHES_ROOT / b,
+    },
+    "check-series": {
+        "base_dir": lambda b: REPO / "build" / b / "base",
+        "series_dir": lambda b: PATCHES_ROOT / b,
+    },
+    "apply-source": {"series_dir": lambda b: PATCHES_ROOT / b},
+    "lint-patched": {
+        "out": lambda b: REPO / "build" / b / "overlay",
+        "series_dir": lambda b: PATCHES_ROOT / b,
+    },
+    "upstream-tests": {},
+    "check-torch": {},
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global BASE
     args = build_parser().parse_args(argv)
     try:
+        if args.command in BASE_DEFAULTS:
+            BASE = resolve_base(args)
+            for name, default in BASE_DEFAULTS[args.command].items():
+                if getattr(args, name) is None:
+                    setattr(args, name, default(BASE))
         return int(args.func(args))
     except StackError as err:
         print(f"stack.py {args.command}: error: {err}", file=sys.stderr)
