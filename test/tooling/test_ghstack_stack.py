@@ -24,7 +24,19 @@ from pathlib import Path
 
 import pytest
 import tooling_helpers
-from tooling_helpers import IDENTITY, PIN, REPO, STACK_PY, clean_env, git
+from tooling_helpers import (
+    BASE,
+    BASE_DIR,
+    IDENTITY,
+    NEWEST,
+    PATCHES,
+    PIN,
+    REPO,
+    STACK_PY,
+    clean_env,
+    git,
+    read_pin,
+)
 
 
 SCRIPT = REPO / "scripts" / "ghstack_stack.sh"
@@ -128,12 +140,12 @@ def synthetic_series(
 
 @pytest.fixture(scope="session")
 def real_series(stack_base: Path) -> Series:
-    series_dir = REPO / "patches"
+    series_dir = BASE_DIR
     if not (series_dir / "series").is_file():
-        pytest.skip("patches/series is not written yet")
+        pytest.skip(f"patches/{BASE}/series is not written yet")
     patches = series_patches(series_dir)
     if not patches:
-        pytest.skip("patches/series lists no patch yet")
+        pytest.skip(f"patches/{BASE}/series lists no patch yet")
     tracked = set(
         git(stack_base, "ls-tree", "-r", "--name-only", "pin-base").split("\n")
     )
@@ -507,12 +519,14 @@ def test_nightly_plan_resolves_the_pin(tmp_path: Path) -> None:
         },
     )
     outputs = dict(line.split("=", 1) for line in output.read_text().splitlines())
-    assert outputs["torch_commit"] == PIN["TORCH_GIT_COMMIT"]
-    assert outputs["python_version"] == PIN["PYTHON_VERSION"]
-    series = (REPO / "patches" / "series").read_text().split()
+    pin = read_pin(PATCHES / NEWEST / "PIN")  # the nightly builds the newest base
+    assert outputs["base"] == NEWEST
+    assert outputs["torch_commit"] == pin["TORCH_GIT_COMMIT"]
+    assert outputs["python_version"] == pin["PYTHON_VERSION"]
+    series = (PATCHES / NEWEST / "series").read_text().split()
     assert outputs["upto"] == str(len([n for n in series if n.endswith(".patch")]))
     assert outputs["gpu_runner"] == "2-gpu"
-    assert PIN["TORCH_GIT_TAG"] in summary.read_text()
+    assert pin["TORCH_GIT_TAG"] in summary.read_text()
 
 
 def test_ci_reads_the_pin(tmp_path: Path) -> None:
@@ -521,7 +535,8 @@ def test_ci_reads_the_pin(tmp_path: Path) -> None:
         ["bash", "-c", step_script(CI.read_text(), "Read the pin")],
         env={"GITHUB_OUTPUT": str(output)},
     )
-    assert output.read_text() == f"python_version={PIN['PYTHON_VERSION']}\n"
+    pin = read_pin(PATCHES / NEWEST / "PIN")  # no matrix base given: the newest
+    assert output.read_text() == f"python_version={pin['PYTHON_VERSION']}\n"
 
 
 @pytest.mark.parametrize("path", [CI, NIGHTLY], ids=lambda p: p.name)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tooling_helpers import REPO, clean_env, run
+from tooling_helpers import BASE, BASE_DIR, REPO, clean_env, run
 
 
 GPU_TIER = REPO / "scripts" / "gpu_tier.sh"
@@ -107,8 +107,9 @@ def fake_python(tmp_path: Path) -> Path:
 
 
 def gpu_tier(*args: str | Path, **env: str) -> tuple[int, str]:
-    "Exit status, and stderr then stdout (whose last line is the count)"
-    proc = run(["bash", GPU_TIER, *args], env=clean_env(**env))
+    """Exit status, and stderr then stdout (whose last line is the count).
+    The base is named (SYMM_STACK_BASE): python3 here may have no torch."""
+    proc = run(["bash", GPU_TIER, *args], env=clean_env(SYMM_STACK_BASE=BASE, **env))
     return proc.returncode, proc.stderr + proc.stdout
 
 
@@ -181,7 +182,7 @@ def test_installed_runs_its_one_level_without_overlay(
     assert rc == 0, out
     assert "installed torch" in out
     level, cxx = record.read_text().splitlines()
-    series = (REPO / "patches" / "series").read_text().splitlines()
+    series = (BASE_DIR / "series").read_text().splitlines()
     last = sum(1 for line in series if line.strip() and not line.startswith("#"))
     assert level.startswith(f"level={last} "), level  # every patch in the series
     assert "build/overlay" not in level and "OVERLAY" not in level
@@ -245,7 +246,7 @@ def test_a_level_without_overlay_fails_and_the_rest_run(
     fake_python: Path, tmp_path: Path
 ) -> None:
     series = tmp_path / "series"
-    shutil.copytree(REPO / "patches", series)
+    shutil.copytree(BASE_DIR, series)
     (first,) = series.glob("0001-*.patch")
     first.write_text("not a patch\n")
     record = tmp_path / "record"

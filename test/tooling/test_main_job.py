@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tooling_helpers import APPLY, PIN, REPO, clean_env, run
+from tooling_helpers import APPLY, PIN, PIN_FILE, clean_env, run
 
 
 CPU_ONLY = "on the CPU tier only (GPU tier not run: no CUDA GPU visible, 1 needed)"
@@ -53,7 +53,7 @@ def test_the_main_job_ends_with_one_summary(
     extra = ["--no-tests"] if case == "no-tests" else []
     if case == "wrong-torch":
         pin = tmp_path / "PIN"
-        text = (REPO / "PIN").read_text()
+        text = PIN_FILE.read_text()
         pin.write_text(text.replace(PIN["TORCH_GIT_COMMIT"], "0" * 40))
         env["SYMM_STACK_PIN_FILE"] = str(pin)
     proc = run(

@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 from tooling_helpers import (
+    BASE,
+    BASE_DIR,
     PIN,
+    PIN_FILE,
     REPO,
     STACK_PY,
     clean_env,
@@ -62,7 +65,7 @@ def test_check_torch_looks_past_an_overlay(tmp_path: Path) -> None:
 
 def test_check_torch_refuses_when_the_pin_differs(tmp_path: Path) -> None:
     pin = tmp_path / "PIN"
-    text = (REPO / "PIN").read_text().replace(PIN_COMMIT, "0" * 40)
+    text = PIN_FILE.read_text().replace(PIN_COMMIT, "0" * 40)
     pin.write_text(text)
     proc = stack("check-torch", env=clean_env(SYMM_STACK_PIN_FILE=str(pin)))
     assert proc.returncode == 2
@@ -73,8 +76,9 @@ def test_base_layout(stack_base: Path) -> None:
     assert (stack_base / "torch/_inductor/comm_lowering.py").is_file()
     assert (stack_base / "torch/csrc/distributed/c10d/symm_mem").is_dir()
     assert not (stack_base / "torch/include").exists()
-    for rel in (REPO / "vendor/pytorch").rglob("*"):
-        name = rel.relative_to(REPO / "vendor/pytorch").as_posix()
+    vendor = REPO / "vendor" / BASE / "pytorch"
+    for rel in vendor.rglob("*"):
+        name = rel.relative_to(vendor).as_posix()
         if rel.is_file() and not name.startswith("README"):
             assert (stack_base / name).read_bytes() == rel.read_bytes()
     subject = git(stack_base, "log", "-1", "--format=%s", "pin-base").strip()
@@ -137,7 +141,8 @@ def test_stack_py_run_as_a_command_uses_the_repository_venv(tmp_path: Path) -> N
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy2(STACK_PY, repo / "scripts" / "stack.py")
-    shutil.copy2(REPO / "PIN", repo / "PIN")
+    shutil.copy2(STACK_PY.parent / "venv_python.sh", repo / "scripts")
+    shutil.copytree(BASE_DIR, repo / "patches" / BASE)
     executable(
         tmp_path / "bin" / "python3", "#!/bin/sh\necho 'PATH python3' >&2\nexit 9\n"
     )
@@ -145,8 +150,12 @@ def test_stack_py_run_as_a_command_uses_the_repository_venv(tmp_path: Path) -> N
     command = [repo / "scripts" / "stack.py", "check-torch"]
     proc = run(command, env=env)
     assert (proc.returncode, proc.stderr) == (9, "PATH python3\n")  # no .venv yet
+    # the newest venv by version, not by name: 2.9.0 sorts after 2.11.0 as text
+    for old in ("2.9.0", "1.0.0"):
+        executable(repo / ".venv" / old / "bin" / "python3", "#!/bin/sh\nexit 8\n")
     executable(
-        repo / ".venv" / "bin" / "python3", f'#!/bin/sh\nexec {sys.executable} "$@"\n'
+        repo / ".venv" / BASE / "bin" / "python3",
+        f'#!/bin/sh\nexec {sys.executable} "$@"\n',
     )
     proc = run(command, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -165,4 +174,4 @@ def test_a_missing_module_names_the_interpreter_and_the_venv(
         f"unidiff is missing for {os.path.abspath(sys.executable)}, the interpreter "
         "running stack.py" in proc.stderr
     )
-    assert "run by .venv/bin/python" in proc.stderr
+    assert "run by .venv/<VERSION>/bin/python" in proc.stderr

@@ -13,11 +13,44 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 STACK_PY = REPO / "scripts" / "stack.py"
 APPLY = REPO / "scripts" / "apply_and_build.sh"
-PIN = dict(
-    line.split("=", 1)
-    for line in (REPO / "PIN").read_text().splitlines()
-    if "=" in line and not line.startswith("#")
+PATCHES = REPO / "patches"
+
+
+def read_pin(path: Path) -> dict[str, str]:
+    return dict(
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+
+
+def _base_of_this_torch() -> str:
+    "The base of the interpreter running the tests (`stack.py bases --installed`)"
+    proc = subprocess.run(
+        [sys.executable, str(STACK_PY), "bases", "--installed"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SYMM_STACK_")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+# The base these tests run against: the one of this interpreter's torch.
+BASE = _base_of_this_torch()
+BASE_DIR = PATCHES / BASE
+PIN_FILE = BASE_DIR / "PIN"
+PIN = read_pin(PIN_FILE)
+# The supported bases (a PIN and a series), oldest first; the newest last.
+BASES = sorted(
+    (
+        d.name
+        for d in PATCHES.iterdir()
+        if (d / "PIN").is_file() and (d / "series").is_file()
+    ),
+    key=lambda v: tuple(int(n) for n in v.split(".") if n.isdigit()),
 )
+NEWEST = BASES[-1]
 TARGET = "torch/_inductor/comm_lowering.py"
 FUNCTION_LINE = "def _one_shot_all_reduce(inp: ir.TensorBox, reduce_op, group_name):\n"
 COMMENT = "    # symm-stack tooling test: patch 2\n"
