@@ -13,6 +13,11 @@ The level is read, in this order, from
   3. the ``OVERLAY.json`` that scripts/stack.py writes beside an overlaid
      ``torch`` package,
   4. otherwise 0: a stock torch.
+
+The base (``BASE``, e.g. "2.11.0") is the version of the torch under test,
+read from its ``torch/version.py`` without importing torch.  Each base has a
+series of its own, so an expectation that holds on one base only says so with
+``@bases(...)``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import unittest
 from collections.abc import Callable
 from pathlib import Path
@@ -63,3 +69,36 @@ def levels(lo: int, hi: int | None = None) -> Callable[[_T], _T]:
     return unittest.skipUnless(
         holds(lo, hi), f"holds for series levels {span}; torch is at level {LEVEL}"
     )
+
+
+def current_base() -> str:
+    """The torch version under test without its local part ("2.14.1")."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return "none"
+    text = (Path(spec.origin).parent / "version.py").read_text()
+    found = re.search(r"^__version__\s*=\s*['\"]([^'\"+]+)", text, re.M)
+    return found.group(1) if found else "unknown"
+
+
+BASE = current_base()
+
+
+def on_base(*names: str) -> bool:
+    return BASE in names
+
+
+def bases(*names: str) -> Callable[[_T], _T]:
+    """Run the decorated test (or class) only on these bases."""
+    return unittest.skipUnless(
+        on_base(*names), f"holds on base {', '.join(names)}; torch is {BASE}"
+    )
+
+
+def levels_by_base(spans: dict[str, tuple[int, int | None]]) -> Callable[[_T], _T]:
+    """`levels(lo, hi)` with a range per base: an expectation that one base
+    already meets at level 0 holds there from level 0, and from the patch
+    that brings it on another.  A base not named skips the test."""
+    if BASE not in spans:
+        return bases(*spans)
+    return levels(*spans[BASE])

@@ -49,7 +49,12 @@ from inductor_harness import (  # noqa: E402
     is_identity_copy_of,
     lower,
 )
-from stack_level import levels  # noqa: E402
+from stack_level import levels, on_base  # noqa: E402
+
+
+# What [5/5]'s runtime asks of torch.distributed._symmetric_memory: 2.11.0
+# has no such check, so the series adds one; 2.14.1 has upstream's.
+SYMM_CHECK = "_is_symm_mem_tensor" if on_base("2.11.0") else "is_symm_mem_tensor"
 
 
 CUDA = torch.device("cuda", 0)
@@ -343,9 +348,7 @@ class _SymmetricStandIn:
         from torch.distributed import _symmetric_memory
 
         for patcher in (
-            mock.patch.object(
-                _symmetric_memory, "_is_symm_mem_tensor", self.is_symm_mem_tensor
-            ),
+            mock.patch.object(_symmetric_memory, SYMM_CHECK, self.is_symm_mem_tensor),
             mock.patch.object(p2p_buffers, "_rendezvous", self.rendezvous),
             mock.patch.object(p2p_buffers, "_allocate", self.allocate),
             mock.patch.object(p2p_buffers, "_capturing", lambda device: capturing),

@@ -132,6 +132,25 @@ class WarmupAllocationTest(unittest.TestCase):
 PARTITIONED = {"triton.cudagraphs": True, "graph_partition": True}
 
 
+def cudagraph_metadata(placeholders: list[Any], static_input_idxs: set[int]) -> Any:
+    """A CudagraphMetadata of one output and no constants or mutations (its
+    fields differ between bases: 2.14.1 added user_visible_output_idxs)."""
+    import dataclasses
+
+    from torch._inductor.cudagraph_utils import CudagraphMetadata
+
+    values = {
+        "placeholders": placeholders,
+        "static_input_idxs": static_input_idxs,
+        "mutated_input_idxs": set(),
+        "stack_traces": [None],
+        "user_visible_output_idxs": {0},
+        "constants": {},
+    }
+    names = [f.name for f in dataclasses.fields(CudagraphMetadata)]
+    return CudagraphMetadata(**{n: values[n] for n in names})
+
+
 class PartitionInputsTest(unittest.TestCase):
     """[3/5] P2P partition inputs are static by what Inductor knows."""
 
@@ -154,7 +173,6 @@ class PartitionInputsTest(unittest.TestCase):
         # [5/5] stages the graph input in `call`: the partition takes the
         # staging buffer, which keeps its address, as a static input.
         from torch._inductor.cudagraph_utils import (
-            CudagraphMetadata,
             PlaceholderInfo,
             get_partition_cudagraph_metadata,
         )
@@ -164,7 +182,7 @@ class PartitionInputsTest(unittest.TestCase):
         self.assertEqual(pmap.comm_buffer_input_idxs, [0])
         placeholder = PlaceholderInfo("x", None, [], None)
         meta = get_partition_cudagraph_metadata(
-            pmap, CudagraphMetadata([placeholder], set(), set(), [None], {})
+            pmap, cudagraph_metadata([placeholder], set())
         )
         self.assertEqual(list(meta.static_input_idxs), [0])
 
@@ -173,7 +191,6 @@ class PartitionInputsTest(unittest.TestCase):
         # A graph input (whoever allocated it) is never made static by the
         # series: only the graph's own static inputs are.
         from torch._inductor.cudagraph_utils import (
-            CudagraphMetadata,
             PlaceholderInfo,
             get_partition_cudagraph_metadata,
         )
@@ -182,7 +199,7 @@ class PartitionInputsTest(unittest.TestCase):
         (pmap,) = self._maps(eight_layer_model, inputs)
         placeholders = [PlaceholderInfo(f"a{i}", None, [], None) for i in range(9)]
         meta = get_partition_cudagraph_metadata(
-            pmap, CudagraphMetadata(placeholders, {1, 2}, set(), [None], {})
+            pmap, cudagraph_metadata(placeholders, {1, 2})
         )
         self.assertEqual(sorted(meta.static_input_idxs), [1, 2])
 

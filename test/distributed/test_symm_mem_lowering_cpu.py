@@ -54,11 +54,16 @@ from inductor_harness import (  # noqa: E402
     is_identity_copy_of,
     lower,
 )
-from stack_level import holds, levels  # noqa: E402
+from stack_level import bases, holds, levels, levels_by_base, on_base  # noqa: E402
 
 
 # what a P2P allocation site looks like at this level
 P2P = P2P_ALLOC if holds(1) else PIN_P2P_ALLOC
+
+# Whether the functional one-shot ops lower to an ExternKernelOut of their out
+# overload: from [1/5] on 2.11.0; 2.14.1 does it itself (FallbackKernel.create
+# and torch._library._out_variant.register_out_variant).
+LOWERS_TO_OUT = holds(1) or on_base("2.14.1")
 
 EIGHT_LAYER_INPUTS = [((128, 4096), BF16)] + [((4096, 4096), BF16)] * 8
 
@@ -118,7 +123,7 @@ class OutVariantLoweringTest(unittest.TestCase):
         self.assertEqual(len(kernels), 1, [type(b).__name__ for b in lowered.buffers()])
         return kernels[0]
 
-    @levels(1)
+    @levels_by_base({"2.11.0": (1, None), "2.14.1": (0, None)})
     def test_functional_ops_lower_to_extern_kernel_out(self) -> None:
         cases = [
             (one_shot, [((64, 32), BF16)], symm_mem.one_shot_all_reduce_out.default),
@@ -138,7 +143,7 @@ class OutVariantLoweringTest(unittest.TestCase):
                 self.assertEqual(comm_layout_names(lowered), [inp.get_name()])
                 self.assertFalse(lowered.ops(ir.FallbackKernel))
 
-    @levels(1, 1)
+    @levels_by_base({"2.11.0": (1, 1), "2.14.1": (0, 1)})
     def test_copy_variant_keeps_semantics(self) -> None:
         lowered = lower(
             one_shot_copy, [((64, 32), BF16), ((64, 32), BF16)], codegen=False
@@ -155,6 +160,7 @@ class OutVariantLoweringTest(unittest.TestCase):
         self.assertNotIsInstance(node.layout, ir.CommBufferLayout)
         self.assertEqual(node.constant_args, ["sum", GROUP])
 
+    @bases("2.11.0")  # 2.14.1 has upstream's registry (register_out_variant)
     @levels(1)
     def test_out_variant_table_takes_only_matching_schemas(self) -> None:
         # Note [Out variants of fallback kernels]: the lowering passes the
@@ -195,6 +201,7 @@ class OutVariantLoweringTest(unittest.TestCase):
                     ir.register_fallback_out_variant(functional, out)
                 self.assertEqual(ir._fallback_out_variants, table)
 
+    @bases("2.11.0")
     @levels(0, 0)
     def test_pin_lowers_functional_ops_to_fallback(self) -> None:
         for fn, op in [
@@ -205,7 +212,7 @@ class OutVariantLoweringTest(unittest.TestCase):
             self.assertIsInstance(node, ir.FallbackKernel)
             self.assertFalse(node.should_allocate())
 
-    @levels(1)
+    @levels_by_base({"2.11.0": (1, None), "2.14.1": (0, None)})
     def test_generated_call_uses_out_overload(self) -> None:
         lowered = lower(one_shot, [((64, 32), BF16)])
         assert lowered.code is not None
@@ -216,7 +223,7 @@ class OutVariantLoweringTest(unittest.TestCase):
         )
         self.assertNotIn("symm_mem.one_shot_all_reduce.default(", lowered.code)
 
-    @levels(1)
+    @levels_by_base({"2.11.0": (1, None), "2.14.1": (0, None)})
     def test_eight_layer_buffer_plan(self) -> None:
         lowered = lower(eight_layer_model, EIGHT_LAYER_INPUTS)
         assert lowered.code is not None
@@ -228,7 +235,7 @@ class OutVariantLoweringTest(unittest.TestCase):
         self.assertLessEqual(stats.buffer_names, 16, stats)
         self.assertEqual(stats.out_calls, 16, stats)
 
-    @levels(1)
+    @levels_by_base({"2.11.0": (1, None), "2.14.1": (0, None)})
     def test_eight_layer_buffer_plan_in_a_cuda_graph_partition(self) -> None:
         # Under CUDA graphs with graph partitions the kernels move into
         # partition_0; the plan (and CodeStats, which reads the partitions
@@ -244,6 +251,7 @@ class OutVariantLoweringTest(unittest.TestCase):
         self.assertEqual((stats.out_calls, stats.p2p_allocs), (16, 1), stats)
         self.assertEqual(stats.p2p_allocs + stats.plain_allocs, 2, stats)
 
+    @bases("2.11.0")
     @levels(0, 0)
     def test_pin_eight_layer_buffer_plan(self) -> None:
         # The numbers measured on 2 GPUs with stock 2.11.0.
@@ -253,6 +261,14 @@ class OutVariantLoweringTest(unittest.TestCase):
         self.assertEqual(
             (stats.buffer_names, stats.reuses, stats.out_calls), (24, 7, 8), stats
         )
+
+
+def graph_input_two_one_shots(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "two collectives of one group read one graph input"
+    return (
+        symm_mem.one_shot_all_reduce(x, "sum", GROUP),
+        symm_mem.one_shot_all_reduce(x, "max", GROUP),
+    )
 
 
 def relu_of_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -305,6 +321,7 @@ class UncontrolledInputTest(unittest.TestCase):
                 # exactly one kernel: the identity copy into the P2P buffer
                 check_counts(lowered.code, {P2P_ALLOC: 1, TRITON_KERNEL: 1})
 
+    @bases("2.11.0")
     @levels(0, 1)
     def test_pin_passes_graph_input_through(self) -> None:
         # Stock torch logs "Failed to realize ..." and hands the placeholder
@@ -313,6 +330,26 @@ class UncontrolledInputTest(unittest.TestCase):
         self.assertEqual(_p2p_sources(lowered), [])
         assert lowered.code is not None
         self.assertNotIn("empty_strided_p2p(", lowered.code)
+
+    @bases("2.14.1")
+    @levels(0, 1)
+    def test_base_copies_graph_input_at_every_op(self) -> None:
+        # 2.14.1's `_maybe_realize_symm_mem` copies a graph input into a P2P
+        # buffer (a pointwise identity) for each op that reads it.
+        lowered = lower(graph_input_two_one_shots, [((64, 32), BF16)])
+        name = lowered.input_name(0)
+        p2p = [lowered.graph.get_buffer(n) for n in comm_layout_names(lowered)]
+        self.assertEqual(len(p2p), 2, p2p)
+        for buf in p2p:
+            self.assertTrue(is_identity_copy_of(lowered, buf, name), str(buf))
+
+    @levels(2, 4)
+    def test_graph_input_read_by_two_ops_is_copied_once(self) -> None:
+        # `GraphLowering.symm_mem_inputs`: one copy per graph input and group
+        lowered = lower(graph_input_two_one_shots, [((64, 32), BF16)])
+        p2p = self._only_p2p(lowered)
+        ops = lowered.by_op(symm_mem.one_shot_all_reduce_out.default)
+        self.assertEqual([op.inputs[0].get_name() for op in ops], [p2p.get_name()] * 2)
 
     @levels(2)
     def test_fallback_output_is_copied_once(self) -> None:
@@ -348,7 +385,7 @@ class UncontrolledInputTest(unittest.TestCase):
                 assert lowered.code is not None
                 check_counts(lowered.code, {P2P: 1, TRITON_KERNEL: 1})
 
-    @levels(1)
+    @levels_by_base({"2.11.0": (1, None), "2.14.1": (0, None)})
     def test_p2p_producer_is_not_an_inplace_update(self) -> None:
         # The kernel writing a P2P buffer must read its real input: an
         # in-place update (in_out_ptr) would read the fresh P2P buffer.
@@ -365,6 +402,7 @@ class UncontrolledInputTest(unittest.TestCase):
                     lowered.code, rf"triton_\w+\.run\(buf\d+, {p2p.get_name()}, "
                 )
 
+    @bases("2.11.0")
     @levels(0, 0)
     def test_pin_p2p_producer_is_an_inplace_update(self) -> None:
         lowered = lower(relu_of_mm, [((64, 128), BF16), ((128, 32), BF16)])
@@ -466,7 +504,10 @@ class UncontrolledInputTest(unittest.TestCase):
         out = subprocess.run(
             [sys.executable, "-c", script], check=True, capture_output=True, text=True
         ).stdout.split()
-        self.assertEqual(out[-3:], ["False", "True", "True"])
+        # 2.14.1's Inductor imports it anyway (through torch.distributed.fsdp):
+        # the lowerings must not depend on either
+        imported = "True" if on_base("2.14.1") else "False"
+        self.assertEqual(out[-3:], [imported, "True", "True"])
 
     @levels(0, 1)
     def test_pin_cannot_functionalize_inplace_collectives(self) -> None:
@@ -580,8 +621,10 @@ def _recorder(calls: list[Any]) -> Any:
 
 class UnreachedLoweringsTest(unittest.TestCase):
     """The lowerings of symm_mem ops that torch.compile cannot reach (no
-    Meta kernel at the pin) keep the pin's code: they hand the op its
-    inputs as they are, and build no copy that nothing would read."""
+    Meta kernel at the pin) keep the pin's code. On 2.11.0 they hand the op
+    its inputs as they are, and build no copy that nothing would read; on
+    2.14.1 they hand it `_maybe_realize_symm_mem`'s copy of a graph input,
+    as the base does."""
 
     def test_inputs_reach_the_op_as_they_are(self) -> None:
         from torch._inductor.lowering import lowerings
@@ -619,9 +662,16 @@ class UnreachedLoweringsTest(unittest.TestCase):
                     ),
                 ):
                     lowering(*args)
-                self.assertEqual(len(graph.buffers), before)
                 (call,) = handed
-                self.assertIs(call[0], args[0])
+                if on_base("2.11.0"):
+                    self.assertEqual(len(graph.buffers), before)
+                    self.assertIs(call[0], args[0])
+                    continue
+                handed_x = call[0][0] if isinstance(call[0], list) else call[0]
+                self.assertIsNot(handed_x, x)
+                self.assertIsInstance(
+                    handed_x.data.data.get_output_spec(), ir.CommBufferLayout
+                )
 
 
 def norm_all_reduce_scale(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -699,11 +749,18 @@ class CppWrapperTest(unittest.TestCase):
         self.assertEqual(comm_layout_names(lowered), [])
         return lowered.code
 
+    @levels_by_base({"2.11.0": (0, None), "2.14.1": (1, None)})
     def test_graph_input_reaches_the_op_as_it_is(self) -> None:
         code = self._code(graph_input_one_shot, [((64, 32), BF16)])
         for text in self.PYTHON:
             self.assertNotIn(text, code)
-        FileCheck().check('"torch.ops.symm_mem.one_shot_all_reduce.default"').run(code)
+        if on_base("2.11.0"):
+            # through the proxy executor
+            call = '"torch.ops.symm_mem.one_shot_all_reduce.default"'
+        else:
+            # 2.14.1 has a C shim for the out overload
+            call = "aoti_torch_cuda_one_shot_all_reduce_out(buf0, x_1,"
+        FileCheck().check(call).run(code)
 
     @levels(1)
     def test_no_python_in_the_cpp_wrapper(self) -> None:
@@ -722,6 +779,18 @@ class CppWrapperTest(unittest.TestCase):
         )
         assert lowered.code is not None
         self.assertIn("# symm_mem buffer free", lowered.code)
+
+    @bases("2.14.1")
+    @levels(0, 0)
+    def test_base_makes_a_p2p_buffer_for_a_graph_input(self) -> None:
+        # 2.14.1 copies a graph input into a P2P buffer in the cpp wrapper
+        # too, which has no C++ form of one (its allocation would be the
+        # Python text above; the CPU tier cannot generate the copy's Triton
+        # launch in C++, so this stops at lowering)
+        lowered = lower(
+            graph_input_one_shot, [((64, 32), BF16)], cpp_wrapper=True, codegen=False
+        )
+        self.assertEqual(len(comm_layout_names(lowered)), 1)
 
 
 class P2PBuffersRuntimeTest(unittest.TestCase):
@@ -853,7 +922,7 @@ class ScratchSymmBufferTest(unittest.TestCase):
         lowered = lower(one_shot_copy, [((64, 32), BF16), ((64, 32), BF16)])
         (node,) = lowered.by_op(
             symm_mem.one_shot_all_reduce_copy_out.default
-            if holds(1)
+            if LOWERS_TO_OUT
             else symm_mem.one_shot_all_reduce_copy.default
         )
         # x * 2 is computed into the P2P buffer, and the op overwrites it
