@@ -273,10 +273,11 @@ class CudagraphTreeTest(SymmMemTestCase):
                 counters["inductor"]["cudagraph_recorded_non_static_inputs"], 2
             )
         else:
-            # [5/5] p, a direct `empty_strided_p2p` allocation (which
-            # `_is_symm_mem_tensor` does not track), is staged by copy_ in
-            # `call`; the partition takes the staging buffer as a static input
-            # and only y is copied.
+            # [5/5] p, a direct `empty_strided_p2p` allocation, is staged by
+            # copy_ in `call` on 2.11.0 (whose check tracks `empty()` and
+            # the pools only) and passed through on 2.14.1
+            # (`is_symm_mem_tensor`); either way the partition takes a
+            # static input and only y is copied.
             self.assertEqual(
                 counters["inductor"]["cudagraph_recorded_non_static_inputs"], 1
             )
