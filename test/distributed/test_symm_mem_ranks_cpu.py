@@ -13,8 +13,9 @@ code calls it, through 1000 calls. Which inputs are symmetric is the same on
 every rank (SPMD); their addresses are not, as each rank makes and drops
 tensors of its own between calls. After every call a user `all_reduce` must
 sum to the world size. Only the symmetric allocator is stood in for (CPU
-tensors, no GPU): what the symmetric-memory check (SYMM_CHECK) says, `p2p_buffers._allocate`
-and `_SymmetricMemory.rendezvous`, both collective like the real ones.
+tensors, no GPU): what the symmetric-memory check (SYMM_CHECK) says,
+`p2p_buffers._allocate` and `_SymmetricMemory.rendezvous`, both collective
+like the real ones.
 """
 
 from __future__ import annotations
