@@ -5,7 +5,18 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
+
+// The CUDAPeerAllocInfo constructor of torch 2.14.1 takes the group's name
+// after world_size; 2.11.0's ends at world_size. The probe builds pass
+// -DSYMM_STACK_PEER_INFO_GROUP_NAME=1 when the header they compile against
+// declares it (peer_info_flags() in patched_probe_build.py).
+#if SYMM_STACK_PEER_INFO_GROUP_NAME
+#define SYMM_STACK_AFTER_WORLD_SIZE , std::string("probe")
+#else
+#define SYMM_STACK_AFTER_WORLD_SIZE
+#endif
 
 struct FakePeerPointers {
   static constexpr uint64_t kBuffersBase = 0x7e0000000000ULL;

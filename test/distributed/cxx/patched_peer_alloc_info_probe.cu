@@ -113,7 +113,7 @@ int patched_make(
         /*buffer_size=*/size_t{1} << 20,
         device,
         /*rank=*/0,
-        world_size);
+        world_size SYMM_STACK_AFTER_WORLD_SIZE);
     *buffers_dev = (*pai).*get(BuffersDev{});
     *signal_pads_dev = (*pai).*get(SignalPadsDev{});
     FakePeerPointers::report(buffers_base, signal_pads_base, stride);

@@ -319,6 +319,22 @@ def torch_paths() -> tuple[Path, Path, int]:
     return root / "include", root / "lib", int(torch._C._GLIBCXX_USE_CXX11_ABI)
 
 
+def peer_info_flags(hpp: Path) -> list[str]:
+    """The flags a probe needs for the CUDASymmetricMemory.hpp at `hpp` and
+    the installed torch: the C++ standard its headers need (2.14's ATen
+    refuses anything below C++20), and SYMM_STACK_PEER_INFO_GROUP_NAME when
+    the CUDAPeerAllocInfo constructor takes the group's name (see
+    fake_peer_pointers.h)."""
+    import torch
+
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    flags = ["-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"]
+    ctor = re.search(r"CUDAPeerAllocInfo\(([^)]*)\);", hpp.read_text())
+    if ctor and "group_name" in ctor.group(1):
+        flags.append("-DSYMM_STACK_PEER_INFO_GROUP_NAME=1")
+    return flags
+
+
 def default_after_dirs() -> list[Path]:
     """Where headers the toolkit may lack are found (cuBLAS, cuSPARSE, ...):
     the nvidia-* wheels next to torch and build/cxx/deps (as cxx_check.sh)."""
@@ -356,8 +372,10 @@ def nvcc_commands(
     """The compile and the link command of the probe library in ``out_dir``."""
     inc, lib, abi = torch_paths()
     obj = out_dir / "patched_peer_alloc_info_probe.o"
+    hpp = tree / HPP_REL if (tree / HPP_REL).is_file() else inc / HPP_REL
     compile_cmd = [
-        nvcc, "-std=c++17", f"-arch={arch}", "-O2", "-c", str(PROBE_SRC),
+        nvcc, *peer_info_flags(hpp), f"-arch={arch}", "-O2", "-c",
+        str(PROBE_SRC),
         "-o", str(obj), "-MD", "-MF", str(out_dir / "patched_peer_alloc_info_probe.d"),
         "--expt-relaxed-constexpr", "--expt-extended-lambda",
         # The flags cxx_check.sh compiles CUDASymmetricMemory.cu with:

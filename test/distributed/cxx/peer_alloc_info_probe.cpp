@@ -159,7 +159,7 @@ int probe_make_peer_alloc_info(
         /*buffer_size=*/size_t{1} << 20,
         device,
         /*rank=*/0,
-        world_size);
+        world_size SYMM_STACK_AFTER_WORLD_SIZE);
     auto symm = c10::make_intrusive<sm::CUDASymmetricMemory>(pai, 0);
     *buffers_dev = symm->get_buffer_ptrs_dev();
     *signal_pads_dev = symm->get_signal_pad_ptrs_dev();

@@ -143,7 +143,7 @@ def probe() -> ctypes.CDLL:
     lib = TORCH_DIR / "lib"
     cmd = [
         nvcc,
-        "-std=c++17",
+        *patched_probe_build.peer_info_flags(inc / patched_probe_build.HPP_REL),
         "-O1",
         "-shared",
         "-Xcompiler",
