@@ -133,15 +133,15 @@ SKIPPED=()
 declare -A GROUP_STEPS=()
 GROUP=common
 
-# count_step NAME RC START: file a finished step under passed, skipped (rc 3
+# count_step NAME RC SECONDS: file a finished step under passed, skipped (rc 3
 # with a reason in $SKIP_FILE) or failed, for the summary and for $GROUP.
 count_step() {
-    local name=$1 rc=$2 start=$3 p f k
+    local name=$1 rc=$2 took=$3 p f k
     read -r p f k <<<"${GROUP_STEPS[$GROUP]:-0 0 0}"
     if ((rc == 0)); then
         PASSED+=("$name")
         p=$((p + 1))
-        log "PASS $name ($(seconds_since "$start") s)"
+        log "PASS $name ($took s)"
     elif ((rc == 3)) && [[ -f "$SKIP_FILE" ]]; then
         SKIPPED+=("$name: $(cat "$SKIP_FILE")")
         k=$((k + 1))
@@ -149,7 +149,7 @@ count_step() {
     else
         FAILED+=("$name (exit $rc)")
         f=$((f + 1))
-        log "FAIL $name (exit $rc, $(seconds_since "$start") s)"
+        log "FAIL $name (exit $rc, $took s)"
     fi
     GROUP_STEPS[$GROUP]="$p $f $k"
 }
@@ -170,7 +170,7 @@ step() {
     )
     rc=$?
     set -e
-    count_step "$name" "$rc" "$start"
+    count_step "$name" "$rc" "$(seconds_since "$start")"
 }
 
 # bg_step NAME FUNCTION [ARGS...]: as step, in the background (at most $JOBS
@@ -189,13 +189,14 @@ bg_step() {
     log "started: $name"
     (
         SKIP_FILE="$STEP_DIR/skip.$n"
-        now_us >"$STEP_DIR/start.$n"
+        start="$(now_us)"
         set +e
         (
             set -e
             "$@"
         ) >"$STEP_DIR/out.$n" 2>&1
         echo $? >"$STEP_DIR/rc.$n"
+        seconds_since "$start" >"$STEP_DIR/took.$n"
     ) &
 }
 
@@ -210,7 +211,7 @@ bg_wait() {
         SKIP_FILE="$STEP_DIR/skip.$n"
         GROUP="${BG_GROUPS[n]}"
         count_step "${BG_NAMES[n]}" "$(cat "$STEP_DIR/rc.$n" 2>/dev/null || echo 1)" \
-            "$(cat "$STEP_DIR/start.$n")"
+            "$(cat "$STEP_DIR/took.$n" 2>/dev/null || echo '?')"
     done
     GROUP=$saved
     BG_NAMES=()
