@@ -32,7 +32,8 @@
 # --make-tree DIR only makes the default patched tree at DIR (no nvcc
 # needed); that test gets its sources this way.
 #
-# Flags mirror PyTorch's build of this file: -std=c++17 (the pinned build's
+# Flags mirror PyTorch's build of this file: -std=c++17, or -std=c++20 for a
+# torch whose ATen/ATen.h requires C++20 (2.14.1 does; the base's own build's
 # C++ standard), PyTorch's CUDA flags, -DPYTORCH_C10_DRIVER_API_SUPPORTED=1
 # (set for this file by caffe2/CMakeLists.txt), -D_GLIBCXX_USE_CXX11_ABI from
 # torch._C._GLIBCXX_USE_CXX11_ABI.  Headers nvcc's toolkit lacks (cuSPARSE,
@@ -337,10 +338,15 @@ need_header cusolverDn.h "ATen/cuda/CUDAContextLight.h"
 need_header nvml.h "c10/cuda/driver_api.h"
 
 # ---- compile -------------------------------------------------------------
+# The C++ standard of the base's own build: what its ATen.h insists on.
+CXX_STD=c++17
+if grep -q 'C++20 or later' "$TORCH_INC/ATen/ATen.h" 2>/dev/null; then
+  CXX_STD=c++20
+fi
 OBJ="$WORK/CUDASymmetricMemory.o"
 DEP="$WORK/CUDASymmetricMemory.d"
 CMD=(
-  "$NVCC" -std=c++17 "-arch=$ARCH" -O2 -c "$TREE/$CU_REL" -o "$OBJ"
+  "$NVCC" "-std=$CXX_STD" "-arch=$ARCH" -O2 -c "$TREE/$CU_REL" -o "$OBJ"
   -MD -MF "$DEP"
   --expt-relaxed-constexpr --expt-extended-lambda
   -DCUDA_HAS_FP16=1 -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
