@@ -12,6 +12,8 @@ from pathlib import Path
 from tooling_helpers import (
     BASE,
     BASE_DIR,
+    NEWEST,
+    PATCHES,
     PIN,
     PIN_FILE,
     REPO,
@@ -19,6 +21,7 @@ from tooling_helpers import (
     clean_env,
     git,
     installed_torch_dir,
+    read_pin,
     run,
     stack,
 )
@@ -45,7 +48,7 @@ def test_check_torch_reports_the_installed_torch() -> None:
 
 def test_check_torch_refuses_another_torch(tmp_path: Path) -> None:
     fake = fake_torch(tmp_path / "site", "deadbeef" * 5)
-    proc = stack("check-torch", env=clean_env(PYTHONPATH=str(fake)))
+    proc = stack("check-torch", "--base", BASE, env=clean_env(PYTHONPATH=str(fake)))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -53,6 +56,11 @@ def test_check_torch_refuses_another_torch(tmp_path: Path) -> None:
     assert "9.9.9" in lines[0]
     assert str(fake / "torch") in lines[0]
     assert PIN_COMMIT in lines[0]
+    # without --base, a torch no series supports is checked against the newest
+    proc = stack("check-torch", env=clean_env(PYTHONPATH=str(fake)))
+    assert proc.returncode == 2, proc.stderr
+    newest = read_pin(PATCHES / NEWEST / "PIN")["TORCH_GIT_COMMIT"]
+    assert f"built from v{NEWEST} ({newest})" in proc.stderr
 
 
 def test_check_torch_looks_past_an_overlay(tmp_path: Path) -> None:
