@@ -4,8 +4,11 @@
 // the device tables the constructor uploads.
 #pragma once
 
+#include <torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory.hpp>
+
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 // The CUDAPeerAllocInfo constructor of torch 2.14.1 takes the group's name
@@ -44,3 +47,25 @@ struct FakePeerPointers {
     *stride = kStride;
   }
 };
+
+// A `PeerAllocInfo` (libtorch's CUDAPeerAllocInfo, or the patched copy the
+// patched probe compiles) for `world_size` made-up peers on `device`. Its
+// alloc_refs are empty: the constructor and destructor under test only move
+// them in and drop them, and a real AllocationRef would need a mapped
+// symmetric allocation.
+template <class PeerAllocInfo>
+c10::intrusive_ptr<PeerAllocInfo> make_fake_peer_alloc_info(
+    int device,
+    int world_size) {
+  FakePeerPointers peers(world_size);
+  return c10::make_intrusive<PeerAllocInfo>(
+      std::vector<c10::intrusive_ptr<c10d::symmetric_memory::AllocationRef>>{},
+      std::move(peers.buffers),
+      std::move(peers.signal_pads),
+      c10d::symmetric_memory::HandleType{},
+      /*mc_addr=*/nullptr,
+      /*buffer_size=*/size_t{1} << 20,
+      device,
+      /*rank=*/0,
+      world_size SYMM_STACK_AFTER_WORLD_SIZE);
+}

@@ -88,11 +88,6 @@ const char* patched_last_error() {
 // `device` and keeps it alive under *handle until patched_release(*handle).
 // The peer pointers are base + stride * rank (host-side values only; nothing
 // is dereferenced), reported back so the caller can check the tables.
-//
-// alloc_refs is empty: the constructor and destructor under test only move
-// it in and drop it (they never look into it), and a real AllocationRef would
-// need a mapped symmetric allocation, whose destructor unmaps it; none is
-// needed to exercise the device pointer tables.
 int patched_make(
     int device,
     int world_size,
@@ -103,17 +98,7 @@ int patched_make(
     uint64_t* signal_pads_base,
     uint64_t* stride) {
   try {
-    FakePeerPointers peers(world_size);
-    auto pai = c10::make_intrusive<Patched>(
-        std::vector<c10::intrusive_ptr<sm::AllocationRef>>{},
-        std::move(peers.buffers),
-        std::move(peers.signal_pads),
-        sm::HandleType{},
-        /*mc_addr=*/nullptr,
-        /*buffer_size=*/size_t{1} << 20,
-        device,
-        /*rank=*/0,
-        world_size SYMM_STACK_AFTER_WORLD_SIZE);
+    auto pai = make_fake_peer_alloc_info<Patched>(device, world_size);
     *buffers_dev = (*pai).*get(BuffersDev{});
     *signal_pads_dev = (*pai).*get(SignalPadsDev{});
     FakePeerPointers::report(buffers_base, signal_pads_base, stride);

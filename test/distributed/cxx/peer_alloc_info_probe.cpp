@@ -149,17 +149,7 @@ int probe_make_peer_alloc_info(
     uint64_t* signal_pads_base,
     uint64_t* stride) {
   try {
-    FakePeerPointers peers(world_size);
-    auto pai = c10::make_intrusive<sm::CUDAPeerAllocInfo>(
-        std::vector<c10::intrusive_ptr<sm::AllocationRef>>{},
-        std::move(peers.buffers),
-        std::move(peers.signal_pads),
-        sm::HandleType{},
-        /*mc_addr=*/nullptr,
-        /*buffer_size=*/size_t{1} << 20,
-        device,
-        /*rank=*/0,
-        world_size SYMM_STACK_AFTER_WORLD_SIZE);
+    auto pai = make_fake_peer_alloc_info<sm::CUDAPeerAllocInfo>(device, world_size);
     auto symm = c10::make_intrusive<sm::CUDASymmetricMemory>(pai, 0);
     *buffers_dev = symm->get_buffer_ptrs_dev();
     *signal_pads_dev = symm->get_signal_pad_ptrs_dev();
