@@ -561,6 +561,15 @@ def print_run(result: dict[str, Any]) -> None:
     print(f"\n(elapsed {result['elapsed_s']:.0f} s, per group: {result['group_s']})")
 
 
+def against_target(b: float, e: float) -> str:
+    """The excess `e` judged against the base's excess `b`: met when at most
+    (TARGET - 1) x |b| above it (sign-aware); shown as a ratio where the base
+    is positive, else as the difference."""
+    met = e <= b + (TARGET - 1) * abs(b)
+    vs = f"{e / b:.2f}x" if b > 0 else f"{e - b:+.1f} us"
+    return f"{e:.1f} ({vs} {'met' if met else 'MISSED'})"
+
+
 def pooled(symm: list[str], by_label: dict[str, list[dict[str, Any]]]) -> None:
     """Runs that share a label (one level run several times, in turns with the
     other levels) pooled: the median of their excesses, the ratio and the
@@ -588,10 +597,7 @@ def pooled(symm: list[str], by_label: dict[str, list[dict[str, Any]]]) -> None:
             elif lb == labels[0] or labels[0] not in medians:
                 cells.append(f"{medians[lb]:.1f}")
             else:
-                b, e = medians[labels[0]], medians[lb]
-                met = e <= b + (TARGET - 1) * abs(b)
-                vs = f"{e / b:.2f}x" if b > 0 else f"{e - b:+.1f} us"
-                cells.append(f"{e:.1f} ({vs} {'met' if met else 'MISSED'})")
+                cells.append(against_target(medians[labels[0]], medians[lb]))
         print(f"{n[5:]:26s}" + "".join(f"{c:>36s}" for c in cells))
 
 
@@ -630,12 +636,7 @@ def table(paths: list[str]) -> None:
                 elif r is runs[0] or "excess_us" not in base:
                     cells.append(f"{row['excess_us']:.1f}")
                 else:
-                    b, e = base["excess_us"], row["excess_us"]
-                    # sign-aware: at most 5% of |base| above the base
-                    met = e <= b + (TARGET - 1) * abs(b)
-                    # a ratio where the base is positive, else the difference
-                    vs = f"{e / b:.2f}x" if b > 0 else f"{e - b:+.1f} us"
-                    cells.append(f"{e:.1f} ({vs} {'met' if met else 'MISSED'})")
+                    cells.append(against_target(base["excess_us"], row["excess_us"]))
             print(f"{n[5:]:26s}" + "".join(f"{c:>{width}s}" for c in cells))
         by_label = {
             lb: [r for r in runs if r["label"] == lb] for lb in dict.fromkeys(labels)
