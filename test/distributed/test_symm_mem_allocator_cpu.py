@@ -382,13 +382,19 @@ class InputSiteTest(unittest.TestCase):
         self.assertEqual(stand_in.rendezvoused, [symm.untyped_storage()._cdata])
 
     def test_a_dead_storage_is_forgotten(self) -> None:
+        # The site's weak reference keeps the dead storage's id from reuse,
+        # which `passes_through` relies on (an entry found under x's id is
+        # x's storage); without it, the next storage of this size would
+        # take that id and inherit the answer.
         symm = torch.empty(64)
+        symm_id = torch._C._storage_id(symm)
         site, stand_in = self._site(symm)
         self.assertTrue(site.passes_through(symm, GROUP, False))
         del symm
         gc.collect()
         for _ in range(3):
             plain = torch.empty(64)
+            self.assertNotEqual(torch._C._storage_id(plain), symm_id)
             self.assertFalse(site.passes_through(plain, GROUP, False))
             del plain
 
