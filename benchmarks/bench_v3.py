@@ -1,7 +1,8 @@
 """Series v3 rows: fused staging, symmetric inputs against the floor, hoisting.
 
     torchrun --standalone --nproc-per-node 1 benchmarks/bench_v3.py \
-        --label L5 --json /tmp/v3-L5.json [--rows fused,symm,hoist]
+        --label L5 --json /tmp/v3-L5.json [--rows fused,symm,call,hoist] \
+        [--code-from /tmp/v3-L0.json]
     python benchmarks/bench_v3.py --table /tmp/v3-L0.json /tmp/v3-L5.json
 
 Runs that share a label (a level run several times, in turns with the other)
@@ -42,6 +43,18 @@ Groups (`--rows`):
          reduce-overhead the floor's input is a non-static CUDA-graph input
          (the tree copies it on every replay), so at 64 MB the floor holds a
          64 MB copy and the excess can be negative.
+  call   the symm rows' default mode once more, without a process between
+         the levels: the generated modules of one_shot_all_reduce(x) and of
+         the floor (`x * 2`), compiled here with torch.compile
+         (run_and_get_code) and loaded with PyCodeCache, each `call([x])`
+         timed in turns.  The code is kept in the row; with `--code-from
+         RUN.json` (a `call` run of another level, level 0) that run's
+         module is loaded and timed in the same turns, so both levels'
+         excess over the floor come from one process and one host speed.
+         Level 0's generated code runs unchanged on level 5's runtime (it
+         calls nothing the series changes).  What torch.compile adds around
+         `call` (guards, the AOT wrapper) is the same code at every level and
+         cancels in the excess.
   hoist  relu(unsafe(x @ w1)) @ w2, fp32 1024 x 1024, weights static
          (mark_static_address), under mode="reduce-overhead" with
          graph_partition=True: `unsafe` is tagged cudagraph_unsafe, so it
@@ -79,7 +92,7 @@ from typing import Any
 from cuda_timing import interleaved_step_times, join_process_group
 
 
-GROUPS = ("fused", "symm", "hoist")
+GROUPS = ("fused", "symm", "call", "hoist")
 FUSED_SIZES = ((64 * 2**10, "64 KB"), (2**20, "1 MB"), (64 * 2**20, "64 MB"))
 SYMM_SIZES = ((2**20, "1 MB"), (64 * 2**20, "64 MB"))
 MODES = ("default", "reduce-overhead")
@@ -272,9 +285,21 @@ def fused_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> 
             emit(f"fused {size} {mode}", row)
 
 
-def symm_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> None:
+def symm_input(nbytes: int, rank: int, gname: str) -> Any:
+    """A rendezvoused symm_mem.empty bf16 tensor of `nbytes`, random data."""
     import torch
     import torch.distributed._symmetric_memory as symm_mem
+
+    n = nbytes // 2
+    x = symm_mem.empty(n, device="cuda", dtype=torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(200 + rank)
+    x.copy_(torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen))
+    symm_mem.rendezvous(x, gname)
+    return x
+
+
+def symm_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> None:
+    import torch
 
     op = torch.ops.symm_mem
 
@@ -285,11 +310,7 @@ def symm_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> N
         return x * 2
 
     for nbytes, size in SYMM_SIZES:
-        n = nbytes // 2
-        x = symm_mem.empty(n, device="cuda", dtype=torch.bfloat16)
-        gen = torch.Generator(device="cuda").manual_seed(200 + rank)
-        x.copy_(torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen))
-        symm_mem.rendezvous(x, gname)
+        x = symm_input(nbytes, rank, gname)
         ref = reduce(x).clone()
         ref_floor = x * 2
         for mode in MODES:
@@ -318,6 +339,68 @@ def symm_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> N
             if "step_us" in row["compiled"] and "step_us" in row["floor"]:
                 row["excess_us"] = row["compiled"]["step_us"] - row["floor"]["step_us"]
             emit(f"symm {size} {mode}", row)
+
+
+def call_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> None:
+    import torch
+    from torch._inductor import config
+    from torch._inductor.codecache import PyCodeCache
+    from torch._inductor.utils import run_and_get_code
+
+    op = torch.ops.symm_mem
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        return op.one_shot_all_reduce(x, "sum", gname)
+
+    def floor(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    other = json.loads(Path(args.code_from).read_text()) if args.code_from else None
+    for nbytes, size in SYMM_SIZES:
+        name = f"call {size}"
+        x = symm_input(nbytes, rank, gname)
+        refs = {"reduce": reduce(x).clone(), "floor": x * 2}
+        code: dict[str, str] = {}
+        for fn_name, fn in (("reduce", reduce), ("floor", floor)):
+            # a fresh compile, so that the code is generated (and seen) here
+            with config.patch(fx_graph_cache=False):
+                _, sources = run_and_get_code(
+                    torch.compile(fresh(fn), fullgraph=True), x
+                )
+            (code[fn_name],) = sources
+        # (label, which function, source): the other level first
+        modules: list[tuple[str, str, str]] = []
+        if other is not None:
+            modules.append(
+                (other["label"], "reduce", other["rows"][name]["code"]["reduce"])
+            )
+        modules += [
+            (args.label, "reduce", code["reduce"]),
+            ("floor", "floor", code["floor"]),
+        ]
+        steps: dict[str, Step] = {}
+        for label, fn_name, source in modules:
+            mod = PyCodeCache.load(source)
+            step = lambda mod=mod, x=x: mod.call([x])[0]  # noqa: E731
+            warm_and_check(step, refs[fn_name], args.warmup, 2e-2, 2e-2)
+            steps[label] = step
+        torch.cuda.synchronize()
+        times = interleaved_step_times(steps, args.steps, args.repeats)
+        floor_us = times["floor"].step_us
+        emit(
+            name,
+            {
+                "code": code,
+                "levels": [
+                    label for label, fn_name, _ in modules if fn_name == "reduce"
+                ],
+                "step_us": {k: t.step_us for k, t in times.items()},
+                "host_us": {k: t.host_us for k, t in times.items()},
+                "excess_us": {
+                    k: t.step_us - floor_us for k, t in times.items() if k != "floor"
+                },
+            },
+        )
 
 
 _LIBS: list[Any] = []
@@ -466,10 +549,16 @@ def hoist_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> 
 def progress(name: str, row: dict[str, Any]) -> None:
     """One line per timed set on stderr, as it completes."""
     if int(os.environ.get("RANK", "0")) == 0:
-        parts = [
-            f"{k}={cell(v).strip()}" if isinstance(v, dict) else f"{k}={v}"
-            for k, v in row.items()
-        ]
+        if name.startswith("call "):
+            parts = [
+                f"{k}={row['step_us'][k]:.1f} ({row['host_us'][k]:.1f})"
+                for k in row["step_us"]
+            ]
+        else:
+            parts = [
+                f"{k}={cell(v).strip()}" if isinstance(v, dict) else f"{k}={v}"
+                for k, v in row.items()
+            ]
         print(f"[bench_v3] {name}: " + "  ".join(parts), file=sys.stderr, flush=True)
 
 
@@ -530,6 +619,14 @@ def print_run(result: dict[str, Any]) -> None:
                 f"{n[5:]:26s} {cell(r['compiled']):>32s}   {cell(r['floor']):>32s}   "
                 f"{cell(r['eager']):>32s}   {excess}"
             )
+    calls = of_group(rows, "call ")
+    if calls:
+        print(
+            "\ncall (default mode, generated call([x]) timed in turns in this "
+            "process): step_us (host_us), call-floor us"
+        )
+        for n in calls:
+            print(f"{n[5:]:26s} {call_cells(rows[n])}")
     hoist = of_group(rows, "hoist ") + of_group(rows, "flag ")
     if hoist:
         print(
@@ -559,6 +656,25 @@ def print_run(result: dict[str, Any]) -> None:
     if failures:
         print("\nfailed:\n" + "\n".join(failures))
     print(f"\n(elapsed {result['elapsed_s']:.0f} s, per group: {result['group_s']})")
+
+
+def call_cells(row: dict[str, Any]) -> str:
+    """A call row: each module's step_us (host_us) and excess over the floor,
+    the later levels judged against the first (see `against_target`)."""
+    if "step_us" not in row:
+        return cell(row)
+    levels, excess = row["levels"], row["excess_us"]
+    cells = [f"floor {row['step_us']['floor']:.1f} ({row['host_us']['floor']:.1f})"]
+    for lb in levels:
+        judged = (
+            f"{excess[lb]:.1f}"
+            if lb == levels[0]
+            else against_target(excess[levels[0]], excess[lb])
+        )
+        cells.append(
+            f"{lb} {row['step_us'][lb]:.1f} ({row['host_us'][lb]:.1f}) excess {judged}"
+        )
+    return "   ".join(cells)
 
 
 def against_target(b: float, e: float) -> str:
@@ -599,6 +715,22 @@ def pooled(symm: list[str], by_label: dict[str, list[dict[str, Any]]]) -> None:
             else:
                 cells.append(against_target(medians[labels[0]], medians[lb]))
         print(f"{n[5:]:26s}" + "".join(f"{c:>36s}" for c in cells))
+
+
+def pooled_calls(name: str, rows: list[dict[str, Any]]) -> None:
+    """Several runs of one call row with the same levels: the median excess
+    of each level and the target judged on the medians."""
+    import statistics
+
+    levels = max((r["levels"] for r in rows), key=len, default=[])
+    rows = [r for r in rows if r["levels"] == levels]
+    if len(rows) < 2 or len(levels) < 2:
+        return
+    med = {lb: statistics.median(r["excess_us"][lb] for r in rows) for lb in levels}
+    cells = [f"{levels[0]} {med[levels[0]]:.1f}"] + [
+        f"{lb} {against_target(med[levels[0]], med[lb])}" for lb in levels[1:]
+    ]
+    print(f"{name[5:]:26s} median of {len(rows)} runs: " + "   ".join(cells))
 
 
 def table(paths: list[str]) -> None:
@@ -643,6 +775,16 @@ def table(paths: list[str]) -> None:
         }
         if any(len(rs) > 1 for rs in by_label.values()):
             pooled(symm, by_label)
+    calls = of_group(names, "call ")
+    if calls:
+        print(
+            "\ncall: call-floor us within one process, later levels against the first"
+        )
+        for n in calls:
+            within = [r for r in runs if "excess_us" in r["rows"].get(n, {})]
+            for r in within:
+                print(f"{n[5:]:26s} {r['label']:>6s}: {call_cells(r['rows'][n])}")
+            pooled_calls(n, [r["rows"][n] for r in within])
     fused = of_group(names, "fused ")
     if fused:
         head("fused: fused/staged (us)")
@@ -712,7 +854,12 @@ def run(args: argparse.Namespace, groups: list[str]) -> dict[str, Any]:
         if args.json and rank == 0:  # after each row: a time-boxed run keeps some
             Path(args.json).write_text(json.dumps(result, indent=1))
 
-    runners = {"fused": fused_group, "symm": symm_group, "hoist": hoist_group}
+    runners = {
+        "fused": fused_group,
+        "symm": symm_group,
+        "call": call_group,
+        "hoist": hoist_group,
+    }
     for group in groups:
         start = time.perf_counter()
         try:
@@ -730,7 +877,16 @@ def main() -> int:
         description=__doc__.split("\n")[0],
         epilog="Run under torchrun; --table needs no GPU.",
     )
-    parser.add_argument("--rows", default=",".join(GROUPS), help="fused,symm,hoist")
+    parser.add_argument(
+        "--rows",
+        default="fused,symm,hoist",
+        help=f"comma-separated, of {','.join(GROUPS)} (default: fused,symm,hoist)",
+    )
+    parser.add_argument(
+        "--code-from",
+        metavar="JSON",
+        help="call rows: also time the modules of this run (another level)",
+    )
     parser.add_argument("--label", default="run")
     parser.add_argument("--json", help="write the rows to this file (rank 0)")
     parser.add_argument(
