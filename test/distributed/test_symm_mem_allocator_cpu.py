@@ -378,6 +378,11 @@ class InputSiteTest(unittest.TestCase):
             # a view of the same storage is the same storage
             self.assertTrue(site.passes_through(symm.view(8, 8), GROUP, False))
         self.assertEqual(stand_in.asked, 2)
+        # a site keys on the storage's id: the storage object's `_cdata`,
+        # which is the value `torch._C._storage_id` gives
+        self.assertEqual(
+            set(site.seen), {torch._C._storage_id(symm), torch._C._storage_id(plain)}
+        )
         # the symmetric storage is rendezvoused when first met, and only then
         self.assertEqual(stand_in.rendezvoused, [symm.untyped_storage()._cdata])
 
