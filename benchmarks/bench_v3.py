@@ -54,7 +54,8 @@ Groups (`--rows`):
          Level 0's generated code runs unchanged on level 5's runtime (it
          calls nothing the series changes).  What torch.compile adds around
          `call` (guards, the AOT wrapper) is the same code at every level and
-         cancels in the excess.
+         cancels in the excess; `call` runs with grad off, as under that
+         wrapper.
   hoist  relu(unsafe(x @ w1)) @ w2, fp32 1024 x 1024, weights static
          (mark_static_address), under mode="reduce-overhead" with
          graph_partition=True: `unsafe` is tagged cudagraph_unsafe, so it
@@ -379,13 +380,16 @@ def call_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> N
             ("floor", "floor", code["floor"]),
         ]
         steps: dict[str, Step] = {}
-        for label, fn_name, source in modules:
-            mod = PyCodeCache.load(source)
-            step = lambda mod=mod, x=x: mod.call([x])[0]  # noqa: E731
-            warm_and_check(step, refs[fn_name], args.warmup, 2e-2, 2e-2)
-            steps[label] = step
-        torch.cuda.synchronize()
-        times = interleaved_step_times(steps, args.steps, args.repeats)
+        # with grad off, as AOTAutograd's runtime wrapper runs an inference
+        # graph's `call`
+        with torch.no_grad():
+            for label, fn_name, source in modules:
+                mod = PyCodeCache.load(source)
+                step = lambda mod=mod, x=x: mod.call([x])[0]  # noqa: E731
+                warm_and_check(step, refs[fn_name], args.warmup, 2e-2, 2e-2)
+                steps[label] = step
+            torch.cuda.synchronize()
+            times = interleaved_step_times(steps, args.steps, args.repeats)
         floor_us = times["floor"].step_us
         emit(
             name,
