@@ -56,6 +56,14 @@ Groups (`--rows`):
          `call` (guards, the AOT wrapper) is the same code at every level and
          cancels in the excess; `call` runs with grad off, as under that
          wrapper.
+         Then the `whole` rows time the same modules through that whole path
+         in one process: each is a torch.compile'd function (Dynamo's guards,
+         the AOT runtime wrapper, Inductor's CompiledFxGraph and its input
+         realignment) whose CompiledFxGraph, built by this level's Inductor,
+         runs the module's `call` in place of its own (`swap_call`); the
+         module of this level also runs unswapped ("native"), which is what
+         a `symm` row times.  So a cost of a level outside `call` would show
+         as native - swapped, and one inside it as the levels' difference.
   hoist  relu(unsafe(x @ w1)) @ w2, fp32 1024 x 1024, weights static
          (mark_static_address), under mode="reduce-overhead" with
          graph_partition=True: `unsafe` is tagged cudagraph_unsafe, so it
@@ -79,6 +87,7 @@ Compare rows of one card only.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -169,6 +178,60 @@ def compiled_step(
         return compiled(*args)
 
     return step, compiled
+
+
+def swap_call(compiled_graph: Any, call: Callable[..., Any]) -> None:
+    """Make Inductor's CompiledFxGraph run `call` (another generated module's)
+    where it ran its own module's `call`: directly, or inside the input
+    realignment wrapper of post_compile (its closure's `model`)."""
+    fn = compiled_graph.current_callable
+    if getattr(fn, "__name__", "") == "call":
+        compiled_graph.current_callable = call
+        return
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True))
+    model = cells.get("model")
+    if model is None or getattr(model.cell_contents, "__name__", "") != "call":
+        raise RuntimeError(f"no generated call found in {fn!r}")
+    model.cell_contents = call
+
+
+def whole_step(fn: Callable[..., Any], call: Callable[..., Any], x: Any) -> Step:
+    """A step calling torch.compile(fn) on `x` through Inductor's whole
+    run-time path, with `call` as the generated module's call (see
+    `swap_call`).  Compiles at the first step, without caches."""
+    import torch
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    swapped: list[bool] = []
+
+    def inner(*a: Any, **kw: Any) -> Any:
+        compiled_graph = compile_fx_inner(*a, **kw)
+        swap_call(compiled_graph, call)
+        swapped.append(True)
+        return compiled_graph
+
+    compiled = torch.compile(
+        fresh(fn),
+        backend=functools.partial(compile_fx, inner_compile=inner),
+        fullgraph=True,
+    )
+
+    def step() -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        if swapped:
+            return compiled(x)
+        with (
+            config.patch(fx_graph_cache=False),
+            functorch_config.patch(enable_autograd_cache=False),
+        ):
+            out = compiled(x)
+        if not swapped:
+            raise RuntimeError("the compiled function's call was not swapped")
+        return out
+
+    return step
 
 
 class Built:
@@ -390,21 +453,35 @@ def call_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> N
                 steps[label] = step
             torch.cuda.synchronize()
             times = interleaved_step_times(steps, args.steps, args.repeats)
-        floor_us = times["floor"].step_us
-        emit(
-            name,
-            {
-                "code": code,
-                "levels": [
-                    label for label, fn_name, _ in modules if fn_name == "reduce"
-                ],
-                "step_us": {k: t.step_us for k, t in times.items()},
-                "host_us": {k: t.host_us for k, t in times.items()},
-                "excess_us": {
-                    k: t.step_us - floor_us for k, t in times.items() if k != "floor"
-                },
-            },
-        )
+        levels = [label for label, fn_name, _ in modules if fn_name == "reduce"]
+        emit(name, {"code": code, "levels": levels, **call_times(times)})
+        # the same modules through torch.compile's whole run-time path
+        fns = {"reduce": reduce, "floor": floor}
+        whole: dict[str, Step] = {}
+        for label, fn_name, source in modules:
+            mod = PyCodeCache.load(source)
+            step = whole_step(fns[fn_name], mod.call, x)
+            warm_and_check(step, refs[fn_name], args.warmup, 2e-2, 2e-2)
+            whole[label] = step
+        native = f"{args.label} native"
+        whole[native], _ = compiled_step(reduce, "default", x)
+        warm_and_check(whole[native], refs["reduce"], args.warmup, 2e-2, 2e-2)
+        torch.cuda.synchronize()
+        times = interleaved_step_times(whole, args.steps, args.repeats)
+        emit(f"whole {size}", {"levels": [*levels, native], **call_times(times)})
+
+
+def call_times(times: dict[str, Any]) -> dict[str, Any]:
+    """A call or whole row's times: step_us, host_us and excess over the
+    floor of each timed module."""
+    floor_us = times["floor"].step_us
+    return {
+        "step_us": {k: t.step_us for k, t in times.items()},
+        "host_us": {k: t.host_us for k, t in times.items()},
+        "excess_us": {
+            k: t.step_us - floor_us for k, t in times.items() if k != "floor"
+        },
+    }
 
 
 _LIBS: list[Any] = []
@@ -553,7 +630,7 @@ def hoist_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> 
 def progress(name: str, row: dict[str, Any]) -> None:
     """One line per timed set on stderr, as it completes."""
     if int(os.environ.get("RANK", "0")) == 0:
-        if name.startswith("call "):
+        if name.startswith(("call ", "whole ")):
             parts = [
                 f"{k}={row['step_us'][k]:.1f} ({row['host_us'][k]:.1f})"
                 for k in row["step_us"]
@@ -631,6 +708,14 @@ def print_run(result: dict[str, Any]) -> None:
         )
         for n in calls:
             print(f"{n[5:]:26s} {call_cells(rows[n])}")
+    wholes = of_group(rows, "whole ")
+    if wholes:
+        print(
+            "\nwhole (default mode, each module run by a torch.compile'd function, "
+            "timed in turns in this process): step_us (host_us), whole-floor us"
+        )
+        for n in wholes:
+            print(f"{n[6:]:26s} {call_cells(rows[n])}")
     hoist = of_group(rows, "hoist ") + of_group(rows, "flag ")
     if hoist:
         print(
@@ -734,7 +819,7 @@ def pooled_calls(name: str, rows: list[dict[str, Any]]) -> None:
     cells = [f"{levels[0]} {med[levels[0]]:.1f}"] + [
         f"{lb} {against_target(med[levels[0]], med[lb])}" for lb in levels[1:]
     ]
-    print(f"{name[5:]:26s} median of {len(rows)} runs: " + "   ".join(cells))
+    print(f"{name:26s} median of {len(rows)} runs: " + "   ".join(cells))
 
 
 def table(paths: list[str]) -> None:
@@ -779,16 +864,21 @@ def table(paths: list[str]) -> None:
         }
         if any(len(rs) > 1 for rs in by_label.values()):
             pooled(symm, by_label)
-    calls = of_group(names, "call ")
-    if calls:
-        print(
-            "\ncall: call-floor us within one process, later levels against the first"
-        )
+    for prefix in ("call ", "whole "):
+        calls = of_group(names, prefix)
+        if calls:
+            print(
+                f"\n{prefix.strip()}: {prefix.strip()}-floor us within one process, "
+                "later levels against the first"
+            )
         for n in calls:
             within = [r for r in runs if "excess_us" in r["rows"].get(n, {})]
             for r in within:
-                print(f"{n[5:]:26s} {r['label']:>6s}: {call_cells(r['rows'][n])}")
-            pooled_calls(n, [r["rows"][n] for r in within])
+                print(
+                    f"{n[len(prefix) :]:26s} {r['label']:>6s}: "
+                    f"{call_cells(r['rows'][n])}"
+                )
+            pooled_calls(n[len(prefix) :], [r["rows"][n] for r in within])
     fused = of_group(names, "fused ")
     if fused:
         head("fused: fused/staged (us)")
