@@ -164,13 +164,16 @@ def device_ops(step: Step, calls: int) -> tuple[float, float]:
 
 
 def compiled_step(
-    fn: Callable[..., Any], mode: str, *args: Any
+    fn: Callable[..., Any], mode: str, *args: Any, backend: Any = "inductor"
 ) -> tuple[Step, Callable[..., Any]]:
     """A step calling torch.compile(fn) (own code object) on `args`."""
     import torch
 
     compiled = torch.compile(
-        fresh(fn), mode=None if mode == "default" else mode, fullgraph=True
+        fresh(fn),
+        mode=None if mode == "default" else mode,
+        fullgraph=True,
+        backend=backend,
     )
 
     def step() -> Any:
@@ -195,11 +198,14 @@ def swap_call(compiled_graph: Any, call: Callable[..., Any]) -> None:
     model.cell_contents = call
 
 
-def whole_step(fn: Callable[..., Any], call: Callable[..., Any], x: Any) -> Step:
-    """A step calling torch.compile(fn) on `x` through Inductor's whole
-    run-time path, with `call` as the generated module's call (see
-    `swap_call`).  Compiles at the first step, without caches."""
-    import torch
+def whole_step(
+    fn: Callable[..., Any], call: Callable[..., Any], x: Any, ref: Any, warmup: int
+) -> Step:
+    """A warmed-up, checked step of torch.compile(fn) on `x` (default mode)
+    whose Inductor-built CompiledFxGraph runs `call` (see `swap_call`): the
+    same step as `compiled_step`'s, through the same run-time path.  It is
+    compiled without the FX graph and AOTAutograd caches, so that the swap
+    cannot be skipped by a cache hit."""
     from torch._functorch import config as functorch_config
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
@@ -212,25 +218,16 @@ def whole_step(fn: Callable[..., Any], call: Callable[..., Any], x: Any) -> Step
         swapped.append(True)
         return compiled_graph
 
-    compiled = torch.compile(
-        fresh(fn),
-        backend=functools.partial(compile_fx, inner_compile=inner),
-        fullgraph=True,
+    step, _ = compiled_step(
+        fn, "default", x, backend=functools.partial(compile_fx, inner_compile=inner)
     )
-
-    def step() -> Any:
-        torch.compiler.cudagraph_mark_step_begin()
-        if swapped:
-            return compiled(x)
-        with (
-            config.patch(fx_graph_cache=False),
-            functorch_config.patch(enable_autograd_cache=False),
-        ):
-            out = compiled(x)
-        if not swapped:
-            raise RuntimeError("the compiled function's call was not swapped")
-        return out
-
+    with (
+        config.patch(fx_graph_cache=False),
+        functorch_config.patch(enable_autograd_cache=False),
+    ):
+        warm_and_check(step, ref, warmup, 2e-2, 2e-2)
+    if not swapped:
+        raise RuntimeError("the compiled function's call was not swapped")
     return step
 
 
@@ -419,13 +416,14 @@ def call_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> N
     def floor(x: torch.Tensor) -> torch.Tensor:
         return x * 2
 
+    fns = {"reduce": reduce, "floor": floor}
     other = json.loads(Path(args.code_from).read_text()) if args.code_from else None
     for nbytes, size in SYMM_SIZES:
         name = f"call {size}"
         x = symm_input(nbytes, rank, gname)
         refs = {"reduce": reduce(x).clone(), "floor": x * 2}
         code: dict[str, str] = {}
-        for fn_name, fn in (("reduce", reduce), ("floor", floor)):
+        for fn_name, fn in fns.items():
             # a fresh compile, so that the code is generated (and seen) here
             with config.patch(fx_graph_cache=False):
                 _, sources = run_and_get_code(
@@ -442,13 +440,13 @@ def call_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> N
             (args.label, "reduce", code["reduce"]),
             ("floor", "floor", code["floor"]),
         ]
+        calls = {label: PyCodeCache.load(source).call for label, _, source in modules}
         steps: dict[str, Step] = {}
         # with grad off, as AOTAutograd's runtime wrapper runs an inference
         # graph's `call`
         with torch.no_grad():
-            for label, fn_name, source in modules:
-                mod = PyCodeCache.load(source)
-                step = lambda mod=mod, x=x: mod.call([x])[0]  # noqa: E731
+            for label, fn_name, _ in modules:
+                step = lambda call=calls[label], x=x: call([x])[0]  # noqa: E731
                 warm_and_check(step, refs[fn_name], args.warmup, 2e-2, 2e-2)
                 steps[label] = step
             torch.cuda.synchronize()
@@ -456,13 +454,10 @@ def call_group(args: argparse.Namespace, gname: str, rank: int, emit: Emit) -> N
         levels = [label for label, fn_name, _ in modules if fn_name == "reduce"]
         emit(name, {"code": code, "levels": levels, **call_times(times)})
         # the same modules through torch.compile's whole run-time path
-        fns = {"reduce": reduce, "floor": floor}
-        whole: dict[str, Step] = {}
-        for label, fn_name, source in modules:
-            mod = PyCodeCache.load(source)
-            step = whole_step(fns[fn_name], mod.call, x)
-            warm_and_check(step, refs[fn_name], args.warmup, 2e-2, 2e-2)
-            whole[label] = step
+        whole = {
+            label: whole_step(fns[fn_name], calls[label], x, refs[fn_name], args.warmup)
+            for label, fn_name, _ in modules
+        }
         native = f"{args.label} native"
         whole[native], _ = compiled_step(reduce, "default", x)
         warm_and_check(whole[native], refs["reduce"], args.warmup, 2e-2, 2e-2)
