@@ -169,6 +169,19 @@ check_python() {
     python_minor "$CHECK_PY" >/dev/null 2>&1 || die 2 "$CHECK_PY does not run as Python; $need"
 }
 
+# check_free_space DIR WITH_TORCH: stop before pip when the file system that
+# holds DIR has too little room, rather than let pip fail part-way with
+# "No space left on device".  A venv with a torch wheel of a supported base
+# takes 4.8 GiB (2.11.0) to 5.6 GiB (2.14.1); one without torch, well under 1.
+check_free_space() {
+    local dir=$1 with_torch=$2 need_gib=1 free_kib
+    [[ "$with_torch" == 1 ]] && need_gib=6
+    free_kib="$(df -Pk "$dir" | awk 'NR == 2 { print $4 }')"
+    if ((free_kib < need_gib * 1024 * 1024)); then
+        die 2 "$dir: $((free_kib / 1024)) MiB free on its file system; installing into it needs about $need_gib GiB. Free some space (old clones and their .venv/ folders), or use --no-venv with a Python that has what it needs"
+    fi
+}
+
 # ensure_venv DIR WITH_TORCH BASE_PY: create DIR as a venv from BASE_PY (see
 # check_python) and pip install requirements-dev.txt, plus $TORCH_WHEEL when
 # WITH_TORCH is 1.  A stamp file skips pip while the Python version and
@@ -191,6 +204,7 @@ ensure_venv() {
     stamp="$( (echo "$version ${reqs[*]}" && cat "$STACK_ROOT/requirements-dev.txt") |
         sha256sum | cut -d' ' -f1)"
     if [[ "$(cat "$dir/.stack-stamp" 2>/dev/null || true)" != "$stamp" ]]; then
+        check_free_space "$dir" "$with_torch"
         log "pip install ${reqs[*]} into $dir (this can take a while)"
         "$dir/bin/python" -m pip install --disable-pip-version-check "${reqs[@]}"
         echo "$stamp" >"$dir/.stack-stamp"

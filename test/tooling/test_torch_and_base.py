@@ -183,3 +183,63 @@ def test_a_missing_module_names_the_interpreter_and_the_venv(
         "running stack.py" in proc.stderr
     )
     assert "run by .venv/<VERSION>/bin/python" in proc.stderr
+
+
+def ensure_venv_with_free(tmp_path: Path, free_kib: int) -> tuple[int, str, str]:
+    """Run lib.sh's ensure_venv for a torch venv whose file system has free_kib free.
+
+    The venv is a stand-in whose python logs each call and refuses pip; a `df`
+    ahead on PATH reports free_kib available.  Returns (status, stderr, calls).
+    """
+    venv = tmp_path / "venv"
+    calls = tmp_path / "calls.log"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >>{calls}\n'
+        'if [[ "$1 $2" == "-m pip" ]]; then exit 1; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    df = tools / "df"
+    df.write_text(
+        "#!/bin/bash\n"
+        'echo "Filesystem 1024-blocks Used Available Capacity Mounted on"\n'
+        f'echo "/dev/x 999999999 1 {free_kib} 1% /"\n'
+    )
+    df.chmod(0o755)
+    script = (
+        "set -euo pipefail\n"
+        f"source {REPO / 'scripts' / 'lib.sh'}\n"
+        "TORCH_WHEEL=torch==0.0.0\n"
+        f"ensure_venv {venv} 1 {sys.executable}\n"
+    )
+    env = clean_env(PATH=f"{tools}{os.pathsep}{os.environ['PATH']}")
+    proc = run(["bash", "-c", script], env=env)
+    made = calls.read_text() if calls.exists() else ""
+    return proc.returncode, proc.stderr, made
+
+
+def test_a_torch_venv_on_a_full_disk_is_refused_before_pip(tmp_path: Path) -> None:
+    # 512 MiB free: pip would fail part-way through a multi-GiB torch wheel
+    rc, err, made = ensure_venv_with_free(tmp_path, 512 * 1024)
+    assert rc == 2, err
+    assert err.splitlines() == [
+        f"[stack] error: {tmp_path / 'venv'}: 512 MiB free on its file system; "
+        "installing into it needs about 6 GiB. Free some space (old clones and "
+        "their .venv/ folders), or use --no-venv with a Python that has what it "
+        "needs"
+    ]
+    assert "-m pip" not in made, made
+    assert not (tmp_path / "venv" / ".stack-stamp").exists()
+
+
+def test_a_torch_venv_with_room_goes_on_to_pip(tmp_path: Path) -> None:
+    # the negative of the test above: with room, the check lets pip run
+    rc, err, made = ensure_venv_with_free(tmp_path, 64 * 1024 * 1024)
+    assert rc != 0  # the stand-in refuses pip
+    assert "-m pip install --disable-pip-version-check torch==0.0.0" in made, err
+    assert "MiB free on its file system" not in err
