@@ -22,6 +22,7 @@ from tooling_helpers import (
     clean_env,
     git,
     run,
+    spy_python,
 )
 
 
@@ -164,16 +165,7 @@ def test_bad_arguments_are_refused(args: list[str], needle: str) -> None:
 def spy(tmp_path: Path) -> tuple[Path, Path]:
     """A --python that logs each call and refuses to make a venv or run pip."""
     calls = tmp_path / "calls.log"
-    python = tmp_path / "spy" / "python3"
-    python.parent.mkdir()
-    python.write_text(
-        "#!/bin/bash\n"
-        f'echo "$*" >>{calls}\n'
-        'if [[ "$1 $2" == "-m venv" || "$1 $2" == "-m pip" ]]; then exit 1; fi\n'
-        f'exec {sys.executable} "$@"\n'
-    )
-    python.chmod(0o755)
-    return python, calls
+    return spy_python(tmp_path / "spy" / "python3", calls), calls
 
 
 def refusal(args: list[str | Path], env: dict[str, str] | None = None) -> str:

@@ -23,6 +23,7 @@ from tooling_helpers import (
     installed_torch_dir,
     read_pin,
     run,
+    spy_python,
     stack,
 )
 
@@ -188,20 +189,13 @@ def test_a_missing_module_names_the_interpreter_and_the_venv(
 def ensure_venv_with_free(tmp_path: Path, free_kib: int) -> tuple[int, str, str]:
     """Run lib.sh's ensure_venv for a torch venv whose file system has free_kib free.
 
-    The venv is a stand-in whose python logs each call and refuses pip; a `df`
-    ahead on PATH reports free_kib available.  Returns (status, stderr, calls).
+    The venv's python is a spy (`spy_python`: it logs each call and refuses
+    pip); a `df` ahead on PATH reports free_kib available.  Returns (status,
+    stderr, calls).
     """
     venv = tmp_path / "venv"
     calls = tmp_path / "calls.log"
-    (venv / "bin").mkdir(parents=True)
-    python = venv / "bin" / "python"
-    python.write_text(
-        "#!/bin/bash\n"
-        f'echo "$*" >>{calls}\n'
-        'if [[ "$1 $2" == "-m pip" ]]; then exit 1; fi\n'
-        f'exec {sys.executable} "$@"\n'
-    )
-    python.chmod(0o755)
+    spy_python(venv / "bin" / "python", calls)
     tools = tmp_path / "tools"
     tools.mkdir()
     df = tools / "df"

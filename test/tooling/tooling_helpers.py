@@ -126,6 +126,21 @@ def installed_torch_dir() -> Path:
     return Path(out.stdout.strip())
 
 
+def spy_python(python: Path, calls: Path) -> Path:
+    """Write at `python` an interpreter that logs each call's arguments to
+    `calls` and refuses to make a venv or run pip; anything else it passes to
+    this Python."""
+    python.parent.mkdir(parents=True, exist_ok=True)
+    python.write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >>{calls}\n'
+        'if [[ "$1 $2" == "-m venv" || "$1 $2" == "-m pip" ]]; then exit 1; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    return python
+
+
 def edit_series(src: Path, dst: Path, edit: Callable[[str, str], str]) -> Path:
     """Copy series dir `src` to `dst`, passing each file's text through edit."""
     shutil.copytree(src, dst)
