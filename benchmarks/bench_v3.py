@@ -695,22 +695,19 @@ def print_run(result: dict[str, Any]) -> None:
                 f"{n[5:]:26s} {cell(r['compiled']):>32s}   {cell(r['floor']):>32s}   "
                 f"{cell(r['eager']):>32s}   {excess}"
             )
-    calls = of_group(rows, "call ")
-    if calls:
-        print(
-            "\ncall (default mode, generated call([x]) timed in turns in this "
-            "process): step_us (host_us), call-floor us"
-        )
-        for n in calls:
-            print(f"{n[5:]:26s} {call_cells(rows[n])}")
-    wholes = of_group(rows, "whole ")
-    if wholes:
-        print(
-            "\nwhole (default mode, each module run by a torch.compile'd function, "
-            "timed in turns in this process): step_us (host_us), whole-floor us"
-        )
-        for n in wholes:
-            print(f"{n[6:]:26s} {call_cells(rows[n])}")
+    for prefix, what in (
+        ("call ", "generated call([x])"),
+        ("whole ", "each module run by a torch.compile'd function"),
+    ):
+        group = prefix.strip()
+        in_group = of_group(rows, prefix)
+        if in_group:
+            print(
+                f"\n{group} (default mode, {what} timed in turns in this "
+                f"process): step_us (host_us), {group}-floor us"
+            )
+        for n in in_group:
+            print(f"{n[len(prefix) :]:26s} {call_cells(rows[n])}")
     hoist = of_group(rows, "hoist ") + of_group(rows, "flag ")
     if hoist:
         print(
